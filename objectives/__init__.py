@@ -1,0 +1,14 @@
+"""The registry of objectives: one explicit dict, no registration by import side effects.
+
+To add an objective, write one module with a frozen dataclass implementing `objectives.base.Objective`
+and add one line here.
+"""
+
+from objectives.base import IGNORE_INDEX, Arch, Batch, Objective
+from objectives.clm import CausalLM
+
+OBJECTIVES: dict[str, type] = {
+    "clm": CausalLM,
+}
+
+__all__ = ["IGNORE_INDEX", "OBJECTIVES", "Arch", "Batch", "Objective"]
