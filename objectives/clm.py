@@ -1,0 +1,74 @@
+"""Causal language modelling (Radford et al. 2018, 2019; nanoGPT).
+
+Documents are joined into one stream with `</s>` after each document; a window of T+1 consecutive stream
+tokens gives inputs = the first T and labels = the last T, so one forward pass under the causal mask
+scores every position (teacher forcing). As GPT-2 and nanoGPT do, attention crosses document boundaries
+inside a window (the `</s>` tells the model a new document starts); block-diagonal masking buys ~0.1%
+for a large speed cost (REFERENCES.md, A.3), so we do not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from objectives.base import Arch, Batch, Terms, ce_terms
+from pretrain.data import TokenSplit
+from pretrain.tokenizer import Vocab
+
+
+def stream_windows(split: TokenSplit, starts: torch.Tensor, length: int, sep: int) -> torch.Tensor:
+    """Windows of the document stream with `sep` after every document, gathered without a Python loop.
+
+    In the virtual stream document d occupies [doc_offsets[d] + d, doc_offsets[d+1] + d) and its
+    separator sits at doc_offsets[d+1] + d. starts (B,) are virtual positions; returns (B, length) int64.
+    """
+    offsets = split.doc_offsets
+    vstart = offsets[:-1] + np.arange(len(offsets) - 1)  # (D,) virtual start of each document
+    v = starts.numpy()[:, None] + np.arange(length)  # (B, L) virtual positions
+    d = np.searchsorted(vstart, v, side="right") - 1  # (B, L) document of each position
+    real = offsets[d] + (v - vstart[d])  # position in the real token array (== doc end at the separator)
+    is_sep = real == offsets[d + 1]
+    ids = split.tokens[np.minimum(real, split.n_tokens - 1)].astype(np.int64)
+    return torch.from_numpy(np.where(is_sep, sep, ids))
+
+
+@dataclass(frozen=True)
+class CausalLM:
+    """Next-token prediction on every position of a window of the `</s>`-joined document stream."""
+
+    name: ClassVar[str] = "clm"
+    arch: ClassVar[Arch] = Arch(kind="decoder")
+    loss_terms: ClassVar[dict[str, str]] = {"lm_loss": "labels"}
+
+    def positions_needed(self, seq_len: int) -> int:
+        """Inputs are seq_len tokens long."""
+        return seq_len
+
+    def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
+        """batch_size windows of seq_len + 1 stream tokens at uniform random starts."""
+        stream_len = split.n_tokens + split.n_docs
+        span = stream_len - (seq_len + 1)
+        if span < 0:
+            raise ValueError(f"split has {stream_len} stream tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        starts = torch.randint(0, span + 1, (batch_size,), generator=gen)
+        w = stream_windows(split, starts, seq_len + 1, vocab.eos)  # (B, T+1)
+        return {"input_ids": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
+
+    def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
+        """Summed next-token cross-entropy over all B*T positions."""
+        logits = model(batch["input_ids"]).logits  # (B, T, V)
+        return ce_terms(logits, batch["labels"], "lm", label_smoothing)
+
+    def baseline(self, split: TokenSplit, vocab: Vocab) -> dict[str, float]:
+        """Bits per byte of a unigram model fit on the split itself (the score to beat)."""
+        counts = np.bincount(np.asarray(split.tokens), minlength=vocab.size).astype(np.float64)
+        counts[vocab.eos] += split.n_docs
+        p = counts[counts > 0] / counts.sum()
+        nats = -(counts[counts > 0] * np.log(p)).sum()
+        if split.n_bytes <= 0:
+            return {}
+        return {"unigram_bits_per_byte": float(nats / (np.log(2) * split.n_bytes))}
