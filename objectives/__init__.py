@@ -7,8 +7,10 @@ and add one line here.
 from objectives.base import IGNORE_INDEX, Arch, Batch, Objective
 from objectives.clm import CausalLM
 
+DEFAULT_OBJECTIVE = "clm"  # what `pretrain run` trains when no --objective or recipe says otherwise
+
 OBJECTIVES: dict[str, type] = {
     "clm": CausalLM,
 }
 
-__all__ = ["IGNORE_INDEX", "OBJECTIVES", "Arch", "Batch", "Objective"]
+__all__ = ["DEFAULT_OBJECTIVE", "IGNORE_INDEX", "OBJECTIVES", "Arch", "Batch", "Objective"]

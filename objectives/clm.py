@@ -43,6 +43,7 @@ class CausalLM:
     name: ClassVar[str] = "clm"
     arch: ClassVar[Arch] = Arch(kind="decoder")
     loss_terms: ClassVar[dict[str, str]] = {"lm_loss": "labels"}
+    default_recipe: ClassVar[str] = "gpt2-tiny"  # the CPU-sized recipe `pretrain run --objective clm` starts from
 
     def positions_needed(self, seq_len: int) -> int:
         """Inputs are seq_len tokens long."""

@@ -27,11 +27,15 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 class DataConfig:
     """Where text comes from, how it is tokenized and cached, and the window length."""
 
-    source: str = ""  # text files / folder / glob (.txt .jsonl .json .parquet) or a datasets name; "" = built-in corpus
+    source: str = (
+        ""  # text files / folder / glob (.txt .jsonl .json .parquet) or a datasets name; "" = built-in corpus
+    )
     dataset_config: str = ""  # datasets configuration name (with a datasets name)
     dataset_split: str = "train"  # datasets split to read (with a datasets name)
     text_field: str = "text"  # field holding the text in .jsonl/.json/.parquet/datasets rows
-    doc_per: Literal["block", "line"] = "block"  # .txt: one document per blank-line-separated block, or per line
+    doc_per: Literal["block", "line"] = (
+        "block"  # .txt: one document per blank-line-separated block, or per line
+    )
     valid_fraction: float = 0.02  # fraction of documents held out for validation (whole documents)
     split_seed: int = 1234  # seed of the train/validation document split
     seq_len: int = 128  # tokens per sequence (the encoder input length for span corruption)
@@ -41,10 +45,16 @@ class DataConfig:
     cache_dir: str = "data/cache"  # where tokenizers and token caches are kept, keyed by their inputs
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.valid_fraction < 0.5, "data.valid_fraction", "must be in (0, 0.5)", self.valid_fraction)
+        _check(
+            0.0 < self.valid_fraction < 0.5, "data.valid_fraction", "must be in (0, 0.5)", self.valid_fraction
+        )
         _check(self.seq_len >= 8, "data.seq_len", "must be >= 8", self.seq_len)
-        _check(self.vocab_size >= 400, "data.vocab_size", "must be >= 400 (107 specials + 256 bytes + pieces)",
-               self.vocab_size)
+        _check(
+            self.vocab_size >= 400,
+            "data.vocab_size",
+            "must be >= 400 (107 specials + 256 bytes + pieces)",
+            self.vocab_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -81,15 +91,280 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1", getattr(self, key))
-        for key in ("max_tokens", "warmup_steps", "eval_every", "patience", "ckpt_every", "num_workers",
-                    "weight_decay", "clip", "label_smoothing", "momentum"):
+        for key in (
+            "max_tokens",
+            "warmup_steps",
+            "eval_every",
+            "patience",
+            "ckpt_every",
+            "num_workers",
+            "weight_decay",
+            "clip",
+            "label_smoothing",
+            "momentum",
+        ):
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0", getattr(self, key))
         _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
         _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
-        _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", "must be two numbers in [0, 1)", self.betas)
+        _check(
+            all(0.0 <= b < 1.0 for b in self.betas),
+            "train.betas",
+            "must be two numbers in [0, 1)",
+            self.betas,
+        )
         _check(self.label_smoothing < 1.0, "train.label_smoothing", "must be < 1", self.label_smoothing)
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
         raise UserError(f"{key} {rule}, got {value!r}")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a run. `objective` is an objective instance (a frozen dataclass
+    from `objectives.OBJECTIVES`), so its hyper-parameters were validated when it was built."""
+
+    objective: Any  # the objective instance; its fields are the [objective] section
+    model: ModelConfig = field(default_factory=ModelConfig)  # backbone sizes and switches
+    data: DataConfig = field(default_factory=DataConfig)  # text, tokenizer, cache, sequence length
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimization loop
+    recipe: str = ""  # the recipe this config started from ("" = none)
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict that `config_from_dict` turns back into an equal Config."""
+        obj = {
+            "name": self.objective.name,
+            **{f.name: getattr(self.objective, f.name) for f in fields(self.objective)},
+        }
+        out: dict[str, Any] = {"recipe": self.recipe, "objective": obj}
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return json.loads(json.dumps(out))  # tuples -> lists, as in JSON/TOML
+
+
+# ---------------------------------------------------------------------------------------------- typing
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check (TOML/JSON values) or parse (strings from --set) `value` against the annotation `hint`."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = list(typing.get_args(hint))
+        if value not in choices:
+            raise UserError(
+                f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}{_suggest(str(value), choices)}"
+            )
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UserError(f"{key} needs {len(args)} values (e.g. {key}=0.9,0.95), got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError(f"config field {key} must not be a union")
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{key} must be a string, got {value!r}")
+    raise AssertionError(f"unsupported config annotation {hint!r} for {key}")
+
+
+def _build(cls: type, values: dict, section: str) -> Any:
+    """Construct dataclass `cls` from `values`, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]
+    for key in values:
+        if key not in names:
+            raise UserError(
+                f"unknown key '{section}.{key}'{_suggest(key, names)}; valid keys: {', '.join(names)}"
+            )
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+
+
+def _objectives() -> tuple[dict, str]:
+    from objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+
+    return OBJECTIVES, DEFAULT_OBJECTIVE
+
+
+def objective_class(name: str) -> type:
+    """The registered objective class called `name`; a UserError listing the choices otherwise."""
+    registry, _ = _objectives()
+    if name not in registry:
+        choices = sorted(registry)
+        raise UserError(
+            f"unknown objective '{name}'{_suggest(name, choices)}; choose one of: {', '.join(choices)}"
+        )
+    return registry[name]
+
+
+def config_from_dict(raw: dict, recipe: str = "") -> Config:
+    """Build a Config from a nested dict (a recipe, a saved config.json, or overrides merged into them)."""
+    raw = dict(raw)
+    raw.pop("description", None)
+    recipe = raw.pop("recipe", recipe) or recipe
+    allowed = ["objective", *SECTIONS]
+    for key in raw:
+        if key not in allowed:
+            raise UserError(
+                f"unknown section '{key}'{_suggest(key, allowed)}; valid sections: {', '.join(allowed)}"
+            )
+        if not isinstance(raw[key], dict):
+            raise UserError(f"'{key}' must be a table of keys (e.g. [{key}] in TOML), got {raw[key]!r}")
+    obj_raw = dict(raw.get("objective", {}))
+    _, default_name = _objectives()
+    name = obj_raw.pop("name", default_name)
+    objective = _build(objective_class(name), obj_raw, "objective")
+    sections = {s: _build(cls, raw.get(s, {}), s) for s, cls in SECTIONS.items()}
+    return Config(objective=objective, recipe=recipe, **sections)
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """recipes/NAME.toml for a bare name, else the given path; a UserError listing recipes if missing."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.parent != Path("."):
+        if not p.is_file():
+            raise UserError(
+                f"recipe file {p} does not exist; give a recipe name ({', '.join(list_recipes())}) or a .toml path"
+            )
+        return p
+    p = RECIPES_DIR / f"{name_or_path}.toml"
+    if not p.is_file():
+        names = list_recipes()
+        raise UserError(
+            f"unknown recipe '{name_or_path}'{_suggest(name_or_path, names)}; choose one of: {', '.join(names)}"
+        )
+    return p
+
+
+def list_recipes() -> list[str]:
+    """Names of the built-in recipes."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def read_recipe(name_or_path: str) -> dict:
+    """The recipe's TOML as a dict (validated later, when the Config is built)."""
+    p = recipe_path(name_or_path)
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"recipe {p} is not valid TOML: {e}") from None
+
+
+def recipe_description(name: str) -> str:
+    """The recipe's one-line `description`."""
+    return str(read_recipe(name).get("description", ""))
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(
+            f"override '{key}' must look like section.key (e.g. train.lr), sections: objective, "
+            f"{', '.join(SECTIONS)}"
+        )
+    raw.setdefault(parts[0], {})
+    if not isinstance(raw[parts[0]], dict):
+        raise UserError(f"'{parts[0]}' is not a section")
+    raw[parts[0]][parts[1]] = value
+
+
+def resolve(
+    *,
+    recipe: str | None = None,
+    objective: str | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> tuple[Config, list[tuple[str, Any, str]]]:
+    """Resolve defaults < recipe < `--objective` and named flags < `--set` into a Config.
+
+    `flags` maps dotted keys to values of named CLI flags (None = not given). Without a recipe the
+    objective's `default_recipe` (a CPU-sized one) is used. Returns the Config and the list of
+    (key, value, source) for every value that is not a default, to print and save with the run.
+    """
+    sources: dict[str, str] = {}
+    raw: dict[str, Any] = {}
+    if recipe is None:
+        name = objective or _objectives()[1]
+        recipe = getattr(objective_class(name), "default_recipe", None)
+    if recipe:
+        raw = read_recipe(recipe)
+        raw.pop("description", None)
+        for sec, vals in raw.items():
+            for k in vals if isinstance(vals, dict) else ():
+                sources[f"{sec}.{k}"] = "recipe"
+    if objective is not None:
+        objective_class(objective)
+        old = raw.get("objective", {}).get("name")
+        if old != objective:  # the recipe's objective hyper-parameters belong to another objective
+            raw["objective"] = {"name": objective}
+            sources = {k: v for k, v in sources.items() if not k.startswith("objective.")}
+        sources["objective.name"] = "--objective"
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+            sources[key] = "flag"
+    for item in sets:
+        if "=" not in item:
+            raise UserError(f"--set '{item}' must look like section.key=value (e.g. --set train.lr=3e-4)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        _set_dotted(raw, key, value.strip())  # text: _coerce types it from the field's annotation
+        sources[key] = "--set"
+    cfg = config_from_dict(raw, recipe=recipe or "")
+    flat = _flatten(cfg.to_dict())
+    report = [(k, flat.get(k), src) for k, src in sources.items()]
+    return cfg, report
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
