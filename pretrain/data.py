@@ -3,14 +3,63 @@
 A split of the cache is three arrays: every document's tokens back to back with no separator (objectives
 add `</s>` or nothing, as their paper does), document offsets and sentence offsets (sentence boundaries
 are found once, at prepare time).
+
+Reading (`read_documents`). `data.source` is one of:
+  ""            the built-in corpus (pretrain/corpus.py: the standard library's docstrings);
+  a file        .txt: a document per blank-line-separated block (or per line with data.doc_per="line"),
+                line breaks normalized to "\n" and each document stripped of surrounding whitespace;
+                .jsonl / .json: the `data.text_field` string of each object (.json: a list of objects, an
+                object holding one such list, or JSON lines); .parquet: the `data.text_field` column;
+                any other suffix is read as .txt;
+  a folder      every .txt/.jsonl/.json/.parquet file under it, sorted by path; a folder without such
+                files (a saved or scripted dataset, CSV files, ...) goes to `datasets`;
+  a glob        ("data/*.jsonl", "corpus/**/*.txt") the matching files of those types, sorted;
+  otherwise     a dataset name: `datasets.load_dataset(name, data.dataset_config, split=data.dataset_split)`.
+Local files are read with plain Python (and pyarrow for Parquet, as `datasets` does) rather than through
+`datasets`: the errors can name the file and line, invalid UTF-8 bytes can be counted, and no second
+Arrow copy of the text lands in the Hugging Face cache. Invalid UTF-8 bytes are replaced by U+FFFD and
+counted (`replaced_bytes`); a file with NUL bytes or mostly invalid UTF-8 is not text (UserError).
+Whitespace-only documents are dropped.
+
+Cache (`prepare`). The folder `<cache_dir>/<key>/` holds, per split (train, valid): `<split>.bin` (flat
+uint16 tokens, uint32 when the vocabulary exceeds 65535), `<split>.docs.npy` and `<split>.sents.npy`
+(int64 offsets), and `meta.json`. The key hashes everything the content depends on (tokenizer sha256,
+source fingerprint, reading options, split options, FORMAT_VERSION), so a cache is reused exactly when its
+inputs are unchanged. The source fingerprint is cheap: sha256 of the files' bytes, the built-in corpus's
+file stats (corpus.corpus_fingerprint), or the dataset's `_fingerprint`. A trained tokenizer is kept in
+`<cache_dir>/tokenizers/<key>.model`, keyed the same way. A cache is built in a temporary folder and
+renamed into place in one `os.replace`, with meta.json written last: an interrupted prepare leaves no
+folder that `TokenCache.open` accepts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import glob as globlib
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from pretrain.errors import UserError
+
+if TYPE_CHECKING:
+    from pretrain.config import DataConfig
+    from pretrain.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1  # bump when the cache layout or the sentence rule changes: old caches are then rebuilt
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+SPLITS = ("train", "valid")
+TOKENIZER_SEED = 1234  # sentencepiece's sampling seed when training a tokenizer for a corpus
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,18 +1,40 @@
 """Sentencepiece tokenizer: training, loading, and the special-token ids every objective needs.
 
+Kudo & Richardson 2018, "SentencePiece: a simple and language independent subword tokenizer" (unigram
+LM tokenization: Kudo 2018; BPE: Sennrich et al. 2016). One tokenizer serves every objective.
+
 Fixed ids shared by every objective (one tokenizer serves all of them):
     0 <pad>   1 <unk>   2 <s>   3 </s>   4 [CLS]   5 [SEP]   6 [MASK]   7..106 <extra_id_0>..<extra_id_99>
+then 107 = "\n" (a user-defined piece, so line breaks are one token), then the 256 byte pieces <0x00>..<0xFF>,
+then the learned pieces.
 The specials are sentencepiece *control* pieces: they are never produced from text, so a literal
 "[MASK]" or "<pad>" in a document stays text.
+
+Normalization, chosen so that text round-trips: `decode(encode(text)) == text` for every string, with one
+documented exception. The rule is "identity" (no NFKC: "ﬁ" stays "ﬁ", full-width forms stay), whitespace is
+kept as is (no stripping or collapsing of runs of spaces), and no dummy "▁" is prefixed, so pieces of a text
+concatenate exactly; byte fallback means no character is ever `<unk>`. The exception: the character U+2581
+"▁" (sentencepiece's own whitespace mark) decodes as a space. A consequence of "no dummy prefix": the first
+word of a document has no leading "▁" (it is encoded like a word glued to what precedes it), so
+`Vocab.word_start` is False there; objectives that need word starts may treat each document's first token
+as one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+from pretrain.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +46,11 @@ SPECIAL_PIECES = ["<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]"] +
     f"<extra_id_{k}>" for k in range(N_SENTINELS)
 ]
 N_SPECIAL = len(SPECIAL_PIECES)  # 107: ids below this are special
+NEWLINE = "\n"  # a user-defined piece (id N_SPECIAL in trained models): a line break is one token
+TRAIN_THREADS = 4  # fixed, not os.cpu_count(): sentencepiece's result depends on its thread count
+CHARACTER_COVERAGE = 0.9995  # rarer characters are spelled with byte pieces (byte fallback)
+MIN_VOCAB_SIZE = 400  # 107 specials + "\n" + 256 bytes + a few dozen learned pieces
+MAX_SENTENCE_BYTES = 1 << 14  # longer training sentences are skipped by the trainer (16 KiB; default 4 KiB)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,3 +115,215 @@ class Vocab:
         word_start = (~special) & ((ids - N_SPECIAL) % word_start_every == 0)
         piece_bytes = np.where(special, 0, 3).astype(np.int64)
         return cls(size=size, special=special, word_start=word_start, piece_bytes=piece_bytes)
+
+
+def _trainer_options(vocab_size: int, model_type: str, character_coverage: float) -> dict:
+    """Sentencepiece trainer options: the fixed specials, byte fallback and the round-trip normalization."""
+    return dict(
+        vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+        pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+        pad_piece=SPECIAL_PIECES[PAD], unk_piece=SPECIAL_PIECES[UNK],
+        bos_piece=SPECIAL_PIECES[BOS], eos_piece=SPECIAL_PIECES[EOS],
+        control_symbols=SPECIAL_PIECES[CLS:],  # ids 4..106 in this order, right after the four above
+        user_defined_symbols=[NEWLINE],  # matched in text: a line break is one piece, not a byte piece
+        byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,  # runs of spaces (indentation) may become one piece
+        max_sentence_length=MAX_SENTENCE_BYTES,
+        input_sentence_size=2_000_000, shuffle_input_sentence=True,  # a seeded sample of huge corpora
+        num_threads=TRAIN_THREADS, minloglevel=2,  # 2 = errors only: no log spam on stderr
+    )
+
+
+def train_tokenizer(texts: Iterable[str], out_prefix: Path | str, vocab_size: int,
+                    model_type: Literal["unigram", "bpe"] = "unigram", *, seed: int = 1234,
+                    character_coverage: float = CHARACTER_COVERAGE) -> Path:
+    """Train a sentencepiece model on `texts` (one sentence or document each) and write `<out_prefix>.model`
+    (and a human-readable `<out_prefix>.vocab`: piece and score per line). Returns the .model path.
+
+    Deterministic: same texts, size, type and seed give the same bytes (the thread count is fixed). The
+    .model file is written last with an atomic rename, so a present .model file is always complete.
+    Raises UserError when the corpus cannot support `vocab_size` (too few distinct pieces, or fewer slots
+    than the specials + bytes + required characters need).
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("unigram", "bpe"):
+        raise UserError(f"tokenizer type must be 'unigram' or 'bpe', got {model_type!r}")
+    out_prefix = Path(out_prefix)
+    texts = (t for t in texts if t)  # the trainer chokes on empty strings; they carry nothing anyway
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=texts, model_writer=model,
+                                       **_trainer_options(vocab_size, model_type, character_coverage))
+    except RuntimeError as e:
+        raise _training_error(str(e), vocab_size) from None
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(_processor(model.getvalue()), model.getvalue(), out_prefix.with_suffix(".model"))
+    vocab_lines = "".join(f"{tok.id_to_piece(i)}\t{tok.sp.get_score(i):.6g}\n" for i in range(tok.size))
+    _atomic_write(out_prefix.parent / (out_prefix.name + ".vocab"), vocab_lines.encode("utf-8"))
+    path = out_prefix.parent / (out_prefix.name + ".model")
+    _atomic_write(path, model.getvalue())
+    return path
+
+
+def _training_error(msg: str, vocab_size: int) -> UserError:
+    """Turn a sentencepiece trainer failure into a one-line UserError with the fix."""
+    if m := re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", msg):
+        if int(m[2]) < MIN_VOCAB_SIZE:
+            return UserError(f"vocabulary size {m[1]} is too large for this corpus (sentencepiece allows at most "
+                             f"{m[2]}, below the minimum {MIN_VOCAB_SIZE}); give more text")
+        return UserError(f"vocabulary size {m[1]} is too large for this corpus (sentencepiece allows at most "
+                         f"{m[2]}); use more text or --set data.vocab_size={m[2]}")
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg):
+        return UserError(f"vocabulary size {m[1]} is too small for this corpus (it needs at least {m[2]} pieces "
+                         f"for the specials, bytes and characters); use --set data.vocab_size={m[2]}")
+    if "sentences" in msg.lower() and ("no " in msg.lower() or "empty" in msg.lower()):
+        return UserError("no text to train a tokenizer on; give a corpus with text in it")
+    first = msg.strip().splitlines()[-1] if msg.strip() else "unknown error"
+    return UserError(f"sentencepiece could not train a tokenizer (vocab size {vocab_size}): {first}")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes to path via a temporary file in the same folder and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _processor(model_bytes: bytes):
+    """A SentencePieceProcessor from serialized model bytes."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_proto=model_bytes)
+
+
+def _special_problems(sp) -> list[str]:
+    """What is wrong with a model's special pieces: one entry per piece not at its fixed id as a control
+    piece (`<unk>` must be the unknown piece)."""
+    problems = []
+    size = sp.get_piece_size()
+    for i, piece in enumerate(SPECIAL_PIECES):
+        if i < size and sp.id_to_piece(i) == piece:
+            ok = sp.is_unknown(i) if i == UNK else sp.is_control(i)
+            if not ok:
+                problems.append(f"{piece} (id {i} is not a {'unknown' if i == UNK else 'control'} piece)")
+            continue
+        j = sp.piece_to_id(piece)
+        if j != sp.unk_id() or piece == SPECIAL_PIECES[UNK] and sp.id_to_piece(j) == piece:
+            problems.append(f"{piece} (at id {j}, needs id {i})")
+        else:
+            problems.append(f"{piece} (missing)")
+    return problems
+
+
+class Tokenizer:
+    """A loaded sentencepiece model with the fixed specials, plus what objectives need (`vocab`).
+
+    `decode` skips special ids by default (they stand for no text); `decode(ids, keep_special=True)` shows
+    them as their piece text (`[MASK]`, `<extra_id_0>`), for printing generations. Picklable (carries the
+    model bytes).
+    """
+
+    def __init__(self, sp, model_bytes: bytes, path: Path | str | None = None):
+        """Wrap a SentencePieceProcessor; use `Tokenizer.load(path)` rather than this."""
+        self.sp = sp
+        self.model_bytes = model_bytes
+        self.path = Path(path) if path is not None else None
+
+    @classmethod
+    def load(cls, path: Path | str) -> Tokenizer:
+        """Load and validate a .model file: UserError if it is missing, not a sentencepiece model, or lacks
+        any special piece at its fixed id (naming the pieces)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"tokenizer {path} does not exist; give a sentencepiece .model file or leave "
+                            "data.tokenizer empty to train one")
+        data = path.read_bytes()
+        try:
+            sp = _processor(data)
+            assert sp.get_piece_size() > 0
+        except Exception:
+            raise UserError(f"{path} is not a sentencepiece model (a .model file); give one made by "
+                            "`pretrain tokenizer train` or sentencepiece") from None
+        problems = _special_problems(sp)
+        if problems:
+            more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
+            raise UserError(f"tokenizer {path} lacks special pieces at their fixed ids: "
+                            f"{', '.join(problems[:6])}{more}; every objective needs <pad> <unk> <s> </s> "
+                            "[CLS] [SEP] [MASK] <extra_id_0..99> as ids 0..106: train one with "
+                            "`pretrain tokenizer train` (or leave data.tokenizer empty)")
+        return cls(sp, data, path)
+
+    def __reduce__(self):
+        return (_tokenizer_from_bytes, (self.model_bytes, self.path))
+
+    @property
+    def size(self) -> int:
+        """Number of pieces (the model's vocabulary size)."""
+        return self.sp.get_piece_size()
+
+    @cached_property
+    def sha256(self) -> str:
+        """sha256 of the .model bytes: identifies the tokenizer in cache keys and metadata."""
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text (no <s> or </s> added)."""
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """Token ids of many texts, encoded by sentencepiece on `num_threads` threads (default: all cores)."""
+        return self.sp.encode(list(texts), out_type=int, num_threads=num_threads or os.cpu_count() or 1)
+
+    def decode(self, ids, keep_special: bool = False) -> str:
+        """Text of token ids. Special ids (< N_SPECIAL) are skipped, or written as their piece text
+        (`[MASK]`, `<extra_id_3>`) when keep_special is True."""
+        ids = [int(i) for i in ids]
+        if not keep_special:
+            return self.sp.decode([i for i in ids if i >= N_SPECIAL])
+        out, run = [], []
+        for i in ids:
+            if i < N_SPECIAL:
+                out += [self.sp.decode(run), SPECIAL_PIECES[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self.sp.decode(run)
+
+    def id_to_piece(self, i: int) -> str:
+        """The piece string of id i ("▁the", "<0x0A>", "[MASK]")."""
+        return self.sp.id_to_piece(int(i))
+
+    def piece_to_id(self, piece: str) -> int:
+        """The id of a piece string (the <unk> id if absent)."""
+        return self.sp.piece_to_id(piece)
+
+    @cached_property
+    def vocab(self) -> Vocab:
+        """What objectives need: size, special mask (ids < N_SPECIAL), word starts ("▁..."), piece bytes
+        (UTF-8 bytes with "▁" as one space; byte pieces 1; control and unknown pieces 0)."""
+        V = self.size
+        special = np.arange(V) < N_SPECIAL
+        word_start = np.zeros(V, bool)
+        piece_bytes = np.zeros(V, np.int64)
+        for i in range(N_SPECIAL, V):
+            piece = self.sp.id_to_piece(i)
+            word_start[i] = piece.startswith("▁")
+            if self.sp.is_byte(i):
+                piece_bytes[i] = 1
+            elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
+                piece_bytes[i] = len(piece.replace("▁", " ").encode("utf-8"))
+        return Vocab(size=V, special=special, word_start=word_start, piece_bytes=piece_bytes)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path}, size={self.size})"
+
+
+def _tokenizer_from_bytes(model_bytes: bytes, path: Path | None) -> Tokenizer:
+    """Unpickle a Tokenizer (already validated when it was first loaded)."""
+    return Tokenizer(_processor(model_bytes), model_bytes, path)

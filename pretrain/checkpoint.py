@@ -1,0 +1,139 @@
+"""Atomic checkpoints without pickle: safetensors for every tensor, JSON for everything else.
+
+A checkpoint is a folder `RUN/checkpoints/step_NNNNNNN/` holding
+    model.safetensors   the weights (shared/tied tensors handled by safetensors' save_model)
+    train.safetensors   optimizer tensors, RNG states, grad-scaler scale
+    state.json          step, tokens seen, optimizer structure and scalars, early-stopping state,
+                        and the architecture fingerprint that a resume must match
+It is written into a temporary folder and renamed into place, `state.json` last, so a crash never leaves
+a checkpoint that `latest()` would trust. Only the newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from pretrain.errors import UserError
+
+PREFIX = "step_"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a folder without state.json is ignored)."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest(run_dir: Path) -> Path:
+    """The newest complete checkpoint; a UserError when the run has none."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"{run_dir} has no checkpoint (no {checkpoint_dir(run_dir)}/{PREFIX}*/state.json); "
+                        "give the folder of a run that saved one")
+    return found[-1]
+
+
+def _flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor inside `obj` (dicts/lists of scalars) by a {"__tensor__": key} reference."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix.rstrip(".")
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {str(k): _flatten_state(v, f"{prefix}{k}.", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten_state(v, f"{prefix}{i}.", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _unflatten_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict:
+    """The optimizer's state_dict with tensors moved into `tensors` (JSON-able structure returned)."""
+    return _flatten_state(optimizer.state_dict(), "optim.", tensors)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, structure: dict, tensors: dict[str, torch.Tensor]) -> None:
+    sd = _unflatten_state(structure, tensors)
+    sd["state"] = {int(k): v for k, v in sd["state"].items()}  # JSON turned the integer keys into strings
+    optimizer.load_state_dict(sd)
+
+
+def save(run_dir: Path, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tensor], state: dict,
+         keep_last: int) -> Path:
+    """Write checkpoint `step` atomically and prune older ones. Returns its folder."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = root / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    save_file(tensors, str(tmp / "train.safetensors"))
+    with open(tmp / "state.json.tmp", "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp / "state.json.tmp", tmp / "state.json")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {ckpt} is corrupted (state.json unreadable: {e}); delete it to fall back "
+                        "to an older one") from None
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    """Load model.safetensors into `model` strictly; corrupted or mismatched files are UserErrors."""
+    path = ckpt / "model.safetensors"
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint file {path} is corrupted or unreadable ({str(e).splitlines()[0]}); "
+                        "delete that checkpoint folder to fall back to an older one") from None
+    except RuntimeError as e:  # shape mismatch
+        raise UserError(f"checkpoint {path} was saved by a model of another architecture "
+                        f"({str(e).splitlines()[-1].strip()}); use the run's own config") from None
+    if missing or unexpected:
+        raise UserError(f"checkpoint {path} was saved by a model of another architecture (missing "
+                        f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); use the run's own config")
+
+
+def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    path = ckpt / "train.safetensors"
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint file {path} is corrupted or unreadable ({str(e).splitlines()[0]}); "
+                        "delete that checkpoint folder to fall back to an older one") from None

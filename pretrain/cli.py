@@ -1,0 +1,264 @@
+"""The `pretrain` command line (Typer). Each command parses flags into a Config and calls one function.
+
+torch, datasets and sentencepiece are imported inside the commands, so `pretrain --help` answers at once.
+Flags mean the same in every command: --data PATH|NAME, --out DIR, --recipe NAME|PATH, --set key=value
+(repeatable), --seed N. User errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from pretrain.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Pretrain Transformer language models with the classic self-supervised objectives.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train a sentencepiece tokenizer.")
+app.add_typer(tokenizer_app, name="tokenizer")
+console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DataOpt = Annotated[str | None, typer.Option("--data", help="Text files/folder/glob or a datasets name (default: "
+                                              "the built-in Python-docstrings corpus).")]
+RecipeOpt = Annotated[str | None, typer.Option("--recipe", help="Recipe name (see `pretrain recipes`) or .toml path.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: section.key=value "
+                                                   "(repeatable), e.g. --set train.lr=3e-4.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of weights, dropout and batches (train.seed).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
+
+
+def _friendly(fn):
+    """Turn UserError into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {e}", markup=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: the newest checkpoint in the run folder is intact; continue with --resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _resolve(recipe: str | None, objective: str | None, data: str | None, seed: int | None, sets: list[str] | None,
+             **flags: Any):
+    from pretrain.config import resolve
+
+    named = {"data.source": data, "train.seed": seed, **flags}
+    return resolve(recipe=recipe, objective=objective, flags=named, sets=sets or [])
+
+
+def _print_config(cfg: Any, sources: list) -> None:
+    from pretrain.metrics import table
+
+    rows = [(k, json.dumps(v) if isinstance(v, (list, dict)) else v, src) for k, v, src in sources]
+    console.print(table(f"config (defaults < recipe '{cfg.recipe or '-'}' < flags < --set); non-defaults:", rows,
+                        ("key", "value", "source")))
+
+
+# ---------------------------------------------------------------------------------------------- run / eval
+
+
+@app.command()
+@_friendly
+def run(
+    objective: Annotated[str | None, typer.Option("--objective", "-o", help="clm | mlm | span | prefix | denoise "
+                                                  "(see `pretrain objectives`).")] = None,
+    recipe: RecipeOpt = None,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    sets: SetOpt = None,
+    seed: SeedOpt = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Stop after N input tokens.")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder from its "
+                                                "newest checkpoint.")] = None,
+) -> None:
+    """Train a model (tokenizer and token cache are made on the fly); `make run` runs the default."""
+    from pretrain import checkpoint
+    from pretrain.config import config_from_dict
+    from pretrain.metrics import table
+    from pretrain.trainer import train
+
+    if resume is not None:
+        if objective or recipe or data or sets or seed is not None or out:
+            raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens may change")
+        if not (resume / "config.json").is_file():
+            raise UserError(f"{resume} is not a run folder (no config.json); give the folder `pretrain run` wrote")
+        checkpoint.latest(resume)  # fail fast when there is nothing to resume
+        raw = json.loads((resume / "config.json").read_text())
+        raw.pop("sources", None)
+        for key, val in (("max_steps", max_steps), ("max_tokens", max_tokens)):
+            if val is not None:
+                raw["train"][key] = val
+        cfg, sources, run_dir = config_from_dict(raw), [], resume
+    else:
+        cfg, sources = _resolve(recipe, objective, data, seed, sets, **{"train.max_steps": max_steps,
+                                                                        "train.max_tokens": max_tokens})
+        run_dir = out or Path("runs") / f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        _print_config(cfg, sources)
+    summary = train(cfg, run_dir, resume=resume is not None, console=console, sources=sources)
+    console.print(table(f"run summary ({cfg.objective.name})", summary))
+
+
+@app.command("eval")
+@_friendly
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pretrain run`.")],
+    data: DataOpt = None,
+    split: Annotated[str, typer.Option("--split", help="valid or train split of the data.")] = "valid",
+    batches: Annotated[int, typer.Option("--batches", help="Fixed-seed batches to evaluate.")] = 50,
+) -> None:
+    """Evaluate a run's newest checkpoint; print a table and write RUN_DIR/eval.json."""
+    import dataclasses
+
+    import torch
+
+    from pretrain import checkpoint
+    from pretrain.config import config_from_dict
+    from pretrain.data import prepare
+    from pretrain.metrics import table
+    from pretrain.trainer import build_model, evaluate, setup_runtime
+
+    if split not in ("valid", "train"):
+        raise UserError(f"--split must be 'valid' or 'train', got '{split}'")
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.json); give the folder `pretrain run` wrote")
+    path = checkpoint.latest(run_dir)
+    raw = json.loads((run_dir / "config.json").read_text())
+    raw.pop("sources", None)
+    cfg = config_from_dict(raw)
+    data_cfg = dataclasses.replace(cfg.data, tokenizer=str(run_dir / "tokenizer.model"),
+                                   **({"source": data} if data is not None else {}))
+    cfg = dataclasses.replace(cfg, data=data_cfg)
+    prepared = prepare(data_cfg, progress=True, console=console)
+    rt = setup_runtime(cfg.train)
+    model = build_model(cfg, prepared.tokenizer.vocab.size).to(rt.device)
+    checkpoint.load_weights(path, model)
+    with torch.inference_mode(False):
+        res = evaluate(model, cfg, prepared.cache.split(split), prepared.tokenizer.vocab, rt, batches)
+    res = {"checkpoint": path.name, "split": split, "data": data_cfg.source or "built-in corpus", **res}
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2))
+    os.replace(tmp, run_dir / "eval.json")
+    console.print(table(f"eval of {run_dir} ({cfg.objective.name}, {path.name}, {split})", res))
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@app.command()
+@_friendly
+def prepare(
+    data: DataOpt = None,
+    recipe: RecipeOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Build (or reuse) the tokenizer and token cache of the data; print its size and tokenizing speed."""
+    from pretrain.data import prepare as prepare_data
+    from pretrain.metrics import table
+
+    cfg, _ = _resolve(recipe, None, data, None, sets)
+    prepared = prepare_data(cfg.data, progress=True, console=console)
+    console.print(table(f"token cache {prepared.cache.path}", prepared.stats))
+
+
+@tokenizer_app.command("train")
+@_friendly
+def tokenizer_train(
+    data: DataOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Output path prefix (writes PREFIX.model and PREFIX.vocab).")]
+    = Path("tokenizer"),
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Pieces, specials and bytes included.")] = 8000,
+    kind: Annotated[str, typer.Option("--type", help="unigram or bpe.")] = "unigram",
+    recipe: RecipeOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Train a sentencepiece tokenizer with the fixed special pieces every objective needs."""
+    from pretrain.data import read_documents
+    from pretrain.tokenizer import train_tokenizer
+
+    if kind not in ("unigram", "bpe"):
+        raise UserError(f"--type must be 'unigram' or 'bpe', got '{kind}'")
+    if Path(f"{out}.model").exists():
+        raise UserError(f"{out}.model already exists; choose another --out or delete it")
+    cfg, _ = _resolve(recipe, None, data, None, sets)
+    docs = read_documents(cfg.data)
+    path = train_tokenizer(docs, out, vocab_size, kind)
+    console.print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------- listings
+
+
+@app.command("objectives")
+@_friendly
+def objectives_() -> None:
+    """List the registered objectives with their hyper-parameters and defaults."""
+    from dataclasses import MISSING, fields
+
+    from rich.table import Table
+
+    from objectives import OBJECTIVES
+
+    t = Table(title="objectives (set with --set objective.KEY=VALUE)", title_justify="left")
+    for c in ("objective", "arrangement", "hyper-parameter", "default"):
+        t.add_column(c)
+    for name, cls in OBJECTIVES.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        arch = getattr(cls, "arch", None)
+        arch = arch.kind if hasattr(arch, "kind") else "depends on hyper-parameters"
+        t.add_row(f"[bold]{name}[/]", arch, doc, "")
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            t.add_row("", "", f.name, repr(default))
+    console.print(t)
+
+
+@app.command("recipes")
+@_friendly
+def recipes_() -> None:
+    """List the recipes in recipes/ with their one-line descriptions."""
+    from pretrain.config import list_recipes, recipe_description
+    from pretrain.metrics import table
+
+    console.print(table("recipes (pretrain run --recipe NAME, or make recipe-NAME)",
+                        [(n, recipe_description(n)) for n in list_recipes()], ("recipe", "description")))
+
+
+@app.command()
+@_friendly
+def bench(
+    objective: Annotated[list[str] | None, typer.Option("--objective", "-o", help="Objectives to time (default: "
+                                                        "all).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
+    seconds: Annotated[float, typer.Option("--seconds", help="Time spent per objective.")] = 2.0,
+    data: DataOpt = None,
+) -> None:
+    """Batch-construction throughput of each objective on one thread (input tokens/s)."""
+    from pretrain.bench import bench_batches
+
+    bench_batches(objective or None, batch_size, seq_len, seconds, data, console)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

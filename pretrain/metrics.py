@@ -1,0 +1,74 @@
+"""Running means of (sum, count) terms, metrics.jsonl on disk, and the rich tables on screen."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+
+class Meter:
+    """Accumulates (sum, count) pairs per metric name; `means()` gives sum/count for each."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+
+    def add(self, terms: dict[str, tuple[Any, Any]]) -> None:
+        for name, (s, n) in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(s)
+            self.counts[name] = self.counts.get(name, 0.0) + float(n)
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k] > 0}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+class JsonlLog:
+    """Appends one JSON object per line to a file (rank 0 only), flushed at once so a crash loses nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All records of a metrics.jsonl file."""
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def fmt(value: Any) -> str:
+    """A number as people read it in a table: 4 significant digits, thousands separators for counts."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table(title: str, rows: dict[str, Any] | list[tuple], columns: tuple[str, ...] = ("metric", "value")) -> Table:
+    """A two-or-more-column rich table from a dict (metric -> value) or a list of row tuples."""
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    items = rows.items() if isinstance(rows, dict) else rows
+    for row in items:
+        t.add_row(*(fmt(v) for v in row))
+    return t
