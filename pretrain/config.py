@@ -27,15 +27,11 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 class DataConfig:
     """Where text comes from, how it is tokenized and cached, and the window length."""
 
-    source: str = (
-        ""  # text files / folder / glob (.txt .jsonl .json .parquet) or a datasets name; "" = built-in corpus
-    )
+    source: str = ""  # .txt/.jsonl/.json/.parquet files, folder or glob, or a datasets name; "" = built-in corpus
     dataset_config: str = ""  # datasets configuration name (with a datasets name)
     dataset_split: str = "train"  # datasets split to read (with a datasets name)
     text_field: str = "text"  # field holding the text in .jsonl/.json/.parquet/datasets rows
-    doc_per: Literal["block", "line"] = (
-        "block"  # .txt: one document per blank-line-separated block, or per line
-    )
+    doc_per: Literal["block", "line"] = "block"  # .txt: a document per blank-line-separated block, or per line
     valid_fraction: float = 0.02  # fraction of documents held out for validation (whole documents)
     split_seed: int = 1234  # seed of the train/validation document split
     seq_len: int = 128  # tokens per sequence (the encoder input length for span corruption)
