@@ -65,7 +65,8 @@ class CausalLM:
         return ce_terms(logits, batch["labels"], "lm", label_smoothing)
 
     def baseline(self, split: TokenSplit, vocab: Vocab) -> dict[str, float]:
-        """Bits per byte of a unigram model fit on the split itself (the score to beat)."""
+        """Bits per byte of a unigram model fit and scored on `split` (the trainer passes the training split):
+        the figure any language model must beat."""
         counts = np.bincount(np.asarray(split.tokens), minlength=vocab.size).astype(np.float64)
         counts[vocab.eos] += split.n_docs
         p = counts[counts > 0] / counts.sum()

@@ -173,7 +173,13 @@ def prepare(
 
     cfg, _ = _resolve(recipe, None, data, None, sets)
     prepared = prepare_data(cfg.data, progress=True, console=console)
-    console.print(table(f"token cache {prepared.cache.path}", prepared.stats))
+    stats = prepared.stats
+    splits = [k for k in ("train", "valid") if isinstance(stats.get(k), dict)]
+    rows = [(k, *(stats[s].get(k, "") for s in splits), stats.get(k, "")) for k in ("documents", "sentences", "tokens",
+                                                                                    "bytes")]
+    console.print(table(f"token cache {prepared.cache.path}", rows, ("", *splits, "total")))
+    console.print(table("prepare", {k: v for k, v in stats.items() if not isinstance(v, dict) and k not in
+                                    ("documents", "sentences", "tokens", "bytes")}))
 
 
 @tokenizer_app.command("train")

@@ -1,0 +1,201 @@
+"""End-to-end CLI: run, resume, eval, listings, and the one-line errors with exit code 2."""
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pretrain.cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = ["model.n_layers=2", "model.n_heads=2", "model.d_model=32", "model.d_ff=64", "model.max_len=32",
+        "data.seq_len=32", "data.vocab_size=420", "train.batch_size=8", "train.warmup_steps=5",
+        "train.eval_batches=2", "train.log_every=2", "train.num_workers=0"]
+
+
+def sets(*items):
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small English-like corpus: 120 documents of several sentences."""
+    rng = random.Random(0)
+    words = ("the model reads text and learns to predict the next word from the words before it while the "
+             "optimizer lowers the loss step by step until the validation curve stops falling").split()
+    docs = []
+    for _ in range(120):
+        sents = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "."
+                 for _ in range(rng.randint(2, 6))]
+        docs.append(" ".join(sents))
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "docs.txt").write_text("\n\n".join(docs) + "\n")
+    return d
+
+
+def run(args, cache):
+    res = runner.invoke(app, [*args, *sets(f"data.cache_dir={cache}")] if args[0] in ("run", "prepare") and
+                        "--resume" not in args else args)
+    return res
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, pretrain.cli; print(sorted(m for m in ('torch', 'datasets', 'sentencepiece') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("run", "eval", "prepare", "tokenizer", "objectives", "recipes", "bench"):
+        assert cmd in res.output
+
+
+def test_listings():
+    res = runner.invoke(app, ["objectives"])
+    assert res.exit_code == 0 and "clm" in res.output
+    res = runner.invoke(app, ["recipes"])
+    assert res.exit_code == 0 and "gpt2-tiny" in res.output and "GPT-2 small" in res.output
+
+
+def test_run_resume_is_bit_exact_and_eval_writes_json(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "12",
+            *sets(*TINY, "train.ckpt_every=6", "train.keep_last=5", "train.eval_every=6", "model.dropout=0.1")]
+    res = run([*args, "--out", str(full)], cache)
+    assert res.exit_code == 0, res.output
+    assert (full / "config.json").is_file() and (full / "tokenizer.model").is_file()
+    assert [p.name for p in sorted((full / "checkpoints").iterdir())] == ["step_0000006", "step_0000012"]
+    # simulate an interruption after step 6: keep only what existed then, and resume
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_0000012")
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    (part / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= 6
+                                                and not (json.loads(ln)["step"] == 6 and "split" in ln)))
+    res = runner.invoke(app, ["run", "--resume", str(part)])
+    assert res.exit_code == 0, res.output
+
+    def losses(p):
+        return [(r["step"], r["lm_loss"]) for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())
+                if "split" not in r]
+
+    assert losses(full) == losses(part) and len(losses(full)) == 6
+    a = (full / "checkpoints" / "step_0000012" / "model.safetensors").read_bytes()
+    b = (part / "checkpoints" / "step_0000012" / "model.safetensors").read_bytes()
+    assert a == b
+    res = runner.invoke(app, ["eval", str(full), "--batches", "3"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((full / "eval.json").read_text())
+    for key in ("loss", "bits_per_byte", "tokens", "lm_loss", "lm_acc", "perplexity"):
+        assert key in ev
+    assert 0 < ev["bits_per_byte"] < 20
+
+
+def test_tiny_run_lowers_the_loss(corpus, tmp_path):
+    res = run(["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "50", "--out",
+               str(tmp_path / "r"), *sets(*TINY, "train.lr=3e-3", "train.eval_every=0")], tmp_path / "cache")
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    train = [r["lm_loss"] for r in recs if "split" not in r]
+    assert train[-1] < train[0] - 1.0, train
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["steps"] == 50 and summary["val_loss"] < 5.0
+
+
+def test_token_budget_stops_the_run(corpus, tmp_path):
+    res = run(["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-tokens", "1000", "--out",
+               str(tmp_path / "r"), *sets(*TINY, "train.eval_every=0")], tmp_path / "cache")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["tokens"] >= 1000 and summary["steps"] == 4  # 8 x 32 = 256 tokens a step
+
+
+def expect_error(res, *words):
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    for w in words:
+        assert w in res.output, (w, res.output)
+
+
+def test_bad_resume_and_checkpoints(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expect_error(runner.invoke(app, ["run", "--resume", str(empty)]), "not a run folder")
+    r = tmp_path / "r"
+    res = run(["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "2", "--out", str(r),
+               *sets(*TINY)], cache)
+    assert res.exit_code == 0, res.output
+    # the same --out again: refused, nothing overwritten
+    before = (r / "config.json").read_text()
+    res = run(["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--out", str(r), *sets(*TINY)], cache)
+    expect_error(res, "already holds a run", "--resume")
+    assert (r / "config.json").read_text() == before
+    # no checkpoint
+    nock = tmp_path / "nock"
+    shutil.copytree(r, nock)
+    shutil.rmtree(nock / "checkpoints")
+    expect_error(runner.invoke(app, ["run", "--resume", str(nock)]), "no checkpoint")
+    expect_error(runner.invoke(app, ["eval", str(nock)]), "no checkpoint")
+    # a checkpoint of another architecture
+    other = tmp_path / "other"
+    res = run(["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "2", "--out",
+               str(other), *sets(*TINY, "model.d_model=48", "model.d_ff=96")], cache)
+    assert res.exit_code == 0, res.output
+    mixed = tmp_path / "mixed"
+    shutil.copytree(r, mixed)
+    shutil.rmtree(mixed / "checkpoints")
+    shutil.copytree(other / "checkpoints", mixed / "checkpoints")
+    expect_error(runner.invoke(app, ["run", "--resume", str(mixed)]), "another architecture")
+    expect_error(runner.invoke(app, ["eval", str(mixed)]), "another architecture")
+    # a corrupted weights file
+    bad = tmp_path / "bad"
+    shutil.copytree(r, bad)
+    w = next((bad / "checkpoints").iterdir()) / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    expect_error(runner.invoke(app, ["run", "--resume", str(bad)]), "corrupted")
+    expect_error(runner.invoke(app, ["eval", str(bad)]), "corrupted")
+
+
+def test_bad_config_errors(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    base = ["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--out", str(tmp_path / "x")]
+    expect_error(run([*base, *sets(*TINY, "data.seq_len=64")], cache), "model.max_len", "data.seq_len")
+    expect_error(run([*base, *sets(*TINY, "train.optimizer=lion")], cache), "train.optimizer", "adamw")
+    expect_error(run([*base, *sets(*TINY, "train.schedule=step")], cache), "train.schedule", "cosine")
+    expect_error(run([*base, *sets(*TINY, "train.nope=1")], cache), "unknown key 'train.nope'")
+    expect_error(run(["run", "--recipe", "nope"], cache), "unknown recipe")
+    expect_error(run(["run", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "y")], cache),
+                 "missing.txt")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_non_finite_loss_stops_with_the_step(corpus, tmp_path, monkeypatch):
+    """A loss that turns NaN at the 3rd step stops the run, names the step and writes no checkpoint after it."""
+    import torch
+
+    from objectives.clm import CausalLM
+
+    calls = {"n": 0}
+    original = CausalLM.loss
+
+    def nan_loss(self, model, batch, label_smoothing=0.0):
+        calls["n"] += 1
+        terms = original(self, model, batch, label_smoothing)
+        if calls["n"] >= 3 and model.training:
+            s, n = terms["lm_loss"]
+            terms["lm_loss"] = (s * torch.tensor(float("nan")), n)
+        return terms
+
+    monkeypatch.setattr(CausalLM, "loss", nan_loss)
+    r = tmp_path / "nan"
+    res = run(["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "10", "--out", str(r),
+               *sets(*TINY, "train.ckpt_every=2", "train.eval_every=0")], tmp_path / "cache")
+    expect_error(res, "non-finite", "step 3", "step_0000002")
+    assert [p.name for p in (r / "checkpoints").iterdir()] == ["step_0000002"]
