@@ -105,7 +105,8 @@ def test_batches_are_pure_functions_of_seed_step_micro_rank():
         return obj.batch(split, vocab, make_generator(*key), 4, 8)["input_ids"]
 
     assert torch.equal(draw(1, "train", 5, 0, 0), draw(1, "train", 5, 0, 0))
-    others = [draw(2, "train", 5, 0, 0), draw(1, "train", 6, 0, 0), draw(1, "train", 5, 1, 0), draw(1, "train", 5, 0, 1)]
+    others = [draw(2, "train", 5, 0, 0), draw(1, "train", 6, 0, 0), draw(1, "train", 5, 1, 0),
+              draw(1, "train", 5, 0, 1)]
     assert all(not torch.equal(draw(1, "train", 5, 0, 0), o) for o in others)
 
 
