@@ -40,6 +40,7 @@ class ModelConfig:
     bias: bool = True  # biases in linear layers and norms (T5 has none)
     embed_norm: bool = False  # LayerNorm on the embeddings (BERT, BART)
     tie_embeddings: bool = True  # output projection shares the input embedding matrix
+    tied_output_scale: bool = False  # T5 v1.0: hidden state x d_model**-0.5 before the tied output projection
     init_std: float = 0.02  # std of the normal init; residual output projections get init_std/sqrt(2*layers)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,253 @@
+"""The pieces of one Transformer layer, in the order the papers introduce them: norms, position
+encodings, multi-head attention, the position-wise feed-forward network, and the block that joins them
+with residual connections. `models/transformer.py` stacks blocks into the encoder / decoder and adds
+embeddings, heads and the KV cache; its docstring lists the papers and our deliberate deviations.
+
+- Multi-head scaled dot-product attention, position-wise FFN, residuals, sinusoidal positions:
+  Vaswani et al. 2017, "Attention Is All You Need" (§3.2, §3.3, §3.5).
+- Pre-LN placement: Radford et al. 2019 (GPT-2), Xiong et al. 2020; post-LN: Vaswani et al., Devlin et
+  al. 2019 (BERT), Lewis et al. 2019 (BART).
+- RMSNorm and the bucketed relative position bias: Raffel et al. 2020 (T5); Zhang & Sennrich 2019.
+- Rotary position embedding (RoPE): Su et al. 2021, "RoFormer".
+- GEGLU / SwiGLU feed-forward: Shazeer 2020, "GLU Variants Improve Transformer".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+
+KV = tuple[Tensor, Tensor]
+"""Keys and values of one attention layer, each (B, nh, L, hs)."""
+
+
+# ----------------------------------------------------------------------------------------------- norms
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm (centre and scale, optional bias) or RMSNorm (T5: scale only, no mean, no bias)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ------------------------------------------------------------------------------------------ activations
+GATED = ("geglu", "swiglu")
+"""Activations of the gated FFN (Shazeer 2020): act(x W) * (x V), two input projections."""
+
+
+def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    """The elementwise non-linearity; a gated variant returns the function applied to its gate."""
+    return {
+        "gelu": F.gelu,  # erf form (BERT)
+        "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's approximation
+        "relu": F.relu,  # Vaswani et al., T5 v1.0
+        "geglu": F.gelu,
+        "swiglu": F.silu,
+    }[name]
+
+
+# ------------------------------------------------------------------------------------ position encodings
+def sinusoid_table(n: int, d: int) -> Tensor:
+    """Vaswani et al. §3.5: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same). Returns (n, d)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))  # (ceil(d/2),)
+    angle = pos * freq  # (n, ceil(d/2))
+    pe = torch.zeros(n, d)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : d // 2])
+    return pe
+
+
+def rope_angles(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles pos * theta^(-2i/hs) (Su et al.), each (B|1, 1, T, hs/2);
+    pos (B|1, T) holds each token's absolute position."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angle = pos[:, None, :, None].float() * inv_freq  # (B|1, 1, T, hs/2)
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by the angles (the GPT-NeoX / LLaMA pairing of
+    dimensions; the paper pairs neighbours, an equivalent permutation of the head dimensions)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hs)
+
+
+def relative_bucket(rel: Tensor, bidirectional: bool, n_buckets: int, max_distance: int) -> Tensor:
+    """T5's bucket of each relative position rel = key position - query position.
+
+    Half the buckets (a quarter with direction) hold exact small distances, the rest grow
+    logarithmically up to max_distance, beyond which distances share the last bucket. Bidirectional
+    (encoder): keys after the query use the upper half. Causal (decoder): future keys are masked anyway,
+    so they fall into bucket 0 with the key itself.
+    """
+    n = -rel  # > 0: the key is in the past
+    bucket = torch.zeros_like(n)
+    if bidirectional:
+        n_buckets //= 2
+        bucket = (n < 0).long() * n_buckets
+        n = n.abs()
+    else:
+        n = n.clamp(min=0)
+    exact = n_buckets // 2
+    log_ratio = torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    large = (exact + (log_ratio * (n_buckets - exact)).long()).clamp(max=n_buckets - 1)
+    return bucket + torch.where(n < exact, n, large)
+
+
+class RelativeBias(nn.Module):
+    """T5's relative position bias: one learned scalar per (bucket, head), added to the attention logits.
+
+    As in T5 it lives once per stack (T5 keeps it in the first layer) and is shared by all its layers.
+    """
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.n_buckets, self.max_distance = cfg.rel_buckets, cfg.rel_max_distance
+        self.table = nn.Embedding(cfg.rel_buckets, cfg.n_heads)
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """q_pos (Tq,), k_pos (Tk,) positions -> additive bias (1, nh, Tq, Tk)."""
+        rel = k_pos[None, :] - q_pos[:, None]  # (Tq, Tk)
+        bucket = relative_bucket(rel, self.bidirectional, self.n_buckets, self.max_distance)
+        return self.table(bucket).permute(2, 0, 1).unsqueeze(0)  # (Tq, Tk, nh) -> (1, nh, Tq, Tk)
+
+
+# -------------------------------------------------------------------------------------------- attention
+@dataclass
+class Context:
+    """What every layer of a stack shares in one forward pass; the stack builds it once."""
+
+    mask: Tensor | None  # self-attention mask, broadcastable to (B, nh, T, L): bool (True = may see) or additive
+    is_causal: bool  # SDPA's causal fast path (decoder, no padding, no bias, no cache)
+    rope: tuple[Tensor, Tensor] | None  # (cos, sin) for the new tokens, (B|1, 1, T, hs/2) each
+    memory: Tensor | None = None  # (B, S, C) encoder output (cross-attention)
+    memory_mask: Tensor | None = None  # (B, 1, 1, S) bool, True = real encoder token
+
+
+class Attention(nn.Module):
+    """Multi-head attention (Vaswani et al. §3.2.2) through `F.scaled_dot_product_attention`.
+
+    Self-attention projects q, k, v from x with one fused matmul; cross-attention projects q from x and
+    k, v from the encoder output.
+    """
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.cross, self.dropout = cfg.n_heads, cross, cfg.dropout
+        if cross:
+            self.q = nn.Linear(d, d, bias=cfg.bias)
+            self.kv = nn.Linear(d, 2 * d, bias=cfg.bias)
+        else:
+            self.qkv = nn.Linear(d, 3 * d, bias=cfg.bias)
+        self.out = nn.Linear(d, d, bias=cfg.bias)  # residual output projection (scaled init)
+
+    def split_heads(self, x: Tensor, n: int) -> list[Tensor]:
+        """(B, T, n*C) -> n tensors (B, nh, T, hs)."""
+        B, T, _ = x.shape
+        x = x.view(B, T, n, self.n_heads, -1)  # (B, T, n, nh, hs)
+        return list(x.permute(2, 0, 3, 1, 4).unbind(0))  # n x (B, nh, T, hs)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        is_causal: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
+        memory: Tensor | None = None,
+        cached: KV | None = None,
+    ) -> tuple[Tensor, KV]:
+        """x (B, T, C) -> (B, T, C), and the keys/values attended to (for the cache).
+
+        `cached`: keys/values kept from earlier steps. Self-attention appends the new tokens' k, v to
+        them; cross-attention reuses them as they are (the encoder output does not change), else
+        projects `memory` (B, S, C).
+        """
+        B, T, C = x.shape
+        if self.cross:
+            (q,) = self.split_heads(self.q(x), 1)  # (B, nh, T, hs)
+            k, v = cached if cached is not None else self.split_heads(self.kv(memory), 2)  # (B, nh, S, hs)
+        else:
+            q, k, v = self.split_heads(self.qkv(x), 3)  # (B, nh, T, hs) each
+            if rope is not None:  # rotate the new tokens' queries and keys by their own positions
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cached is not None:
+                k, v = torch.cat((cached[0], k), dim=2), torch.cat((cached[1], v), dim=2)  # (B, nh, L, hs)
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out(y), (k, v)
+
+
+# ------------------------------------------------------------------------------------------ feed-forward
+class MLP(nn.Module):
+    """Position-wise feed-forward network (Vaswani et al. §3.3): act(x W1) W2; gated variants (Shazeer
+    2020) use (act(x W) * x V) W2, with W and V fused into one matmul of width 2 * d_ff."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.activation in GATED
+        self.act = activation_fn(cfg.activation)
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
+        self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)  # residual output projection (scaled init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        h = self.fc(x)  # (B, T, d_ff) or (B, T, 2 * d_ff)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, d_ff) each
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.out(h)
+
+
+# ------------------------------------------------------------------------------------------------- block
+class Block(nn.Module):
+    """One layer: self-attention, cross-attention (decoder of an encoder-decoder), feed-forward; each
+    sub-layer wrapped in a residual connection with its norm before (pre-LN) or after (post-LN)."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool):
+        super().__init__()
+        self.pre = cfg.norm_placement == "pre"
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.cross_norm = make_norm(cfg) if cross else None
+        self.cross_attn = Attention(cfg, cross=True) if cross else None
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def residual_outputs(self) -> list[nn.Linear]:
+        """The projections that write into the residual stream (GPT-2 scales their init)."""
+        outs = [self.attn.out, self.mlp.out]
+        return outs + ([self.cross_attn.out] if self.cross_attn is not None else [])
+
+    def add(self, x: Tensor, y: Tensor, norm: nn.Module) -> Tensor:
+        """Residual connection: pre-LN x + y (y was computed from norm(x)); post-LN norm(x + y)."""
+        return x + self.drop(y) if self.pre else norm(x + self.drop(y))
+
+    def forward(self, x: Tensor, ctx: Context, cached_self: KV | None = None, cached_cross: KV | None = None):
+        """x (B, T, C) -> (B, T, C), self-attention k/v (B, nh, L, hs), cross-attention k/v or None."""
+        h = self.attn_norm(x) if self.pre else x
+        y, self_kv = self.attn(h, ctx.mask, ctx.is_causal, ctx.rope, cached=cached_self)
+        x = self.add(x, y, self.attn_norm)
+        cross_kv = None
+        if self.cross_attn is not None:
+            h = self.cross_norm(x) if self.pre else x
+            y, cross_kv = self.cross_attn(h, ctx.memory_mask, memory=ctx.memory, cached=cached_cross)
+            x = self.add(x, y, self.cross_norm)
+        h = self.mlp_norm(x) if self.pre else x
+        x = self.add(x, self.mlp(h), self.mlp_norm)
+        return x, self_kv, cross_kv

@@ -1,0 +1,277 @@
+"""Tests of the Transformer backbone (issue 3) and its KV cache (issue 7). Tiny fp32 models in eval mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from models import KVCache, ModelConfig, Transformer
+from objectives.base import Arch
+from pretrain.errors import UserError
+
+V = 61
+POSITIONS = ["learned", "sinusoidal", "relative", "rope"]
+KINDS = ["decoder", "encoder", "encoder-decoder"]
+TINY = ModelConfig(n_layers=2, n_heads=4, d_model=32, d_ff=64, max_len=40, rel_buckets=8, rel_max_distance=16)
+
+
+def make(kind: str = "decoder", seed: int = 0, arch: Arch | None = None, **overrides) -> Transformer:
+    """A tiny fp32 model in eval mode; arch defaults to the bare arrangement `kind`."""
+    torch.manual_seed(seed)
+    return Transformer(dataclasses.replace(TINY, **overrides), arch or Arch(kind), V).eval()
+
+
+def ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(7, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: Transformer, x: torch.Tensor, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x, **kw).logits
+
+
+# ------------------------------------------------------------------------------------- what attends to what
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_decoder_is_causal(positions):
+    model, x = make(positions=positions), ids(2, 12)
+    y = x.clone()
+    t = 5
+    y[:, t:] = ids(2, 12 - t, seed=2)  # change tokens t+1..T (1-based)
+    a, b = logits(model, x), logits(model, y)
+    assert torch.allclose(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, t:], b[:, t:], atol=1e-3)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_encoder_sees_the_future(positions):
+    model, x = make("encoder", positions=positions), ids(2, 12)
+    y = x.clone()
+    y[:, -1] = (x[:, -1] + 1 - 7) % (V - 7) + 7
+    assert not torch.allclose(logits(model, x)[:, 0], logits(model, y)[:, 0], atol=1e-4)
+
+
+def test_cross_attention_depends_on_encoder_input():
+    model, dec = make("encoder-decoder"), ids(2, 6, seed=3)
+    x = ids(2, 10)
+    y = x.clone()
+    y[:, 4] = (x[:, 4] + 1 - 7) % (V - 7) + 7
+    a = logits(model, x, decoder_input_ids=dec)
+    b = logits(model, y, decoder_input_ids=dec)
+    assert not torch.allclose(a, b, atol=1e-4)  # every decoder position moved
+    assert (a - b).abs().amax(-1).min() > 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ padding
+def pad(x: torch.Tensor, n: int, left: bool = False, fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (1, T) padded with n tokens on one side; returns ids (1, T+n) and mask (1, T+n)."""
+    p = torch.full((1, n), fill, dtype=x.dtype)
+    m1, m0 = torch.ones_like(x), torch.zeros_like(p)
+    return (torch.cat((p, x), 1), torch.cat((m0, m1), 1)) if left else (torch.cat((x, p), 1), torch.cat((m1, m0), 1))
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_padding_changes_no_real_position(positions):
+    x = ids(1, 7)
+    enc = make("encoder", positions=positions)
+    xp, m = pad(x, 4, fill=9)
+    assert torch.allclose(logits(enc, xp, attention_mask=m)[:, :7], logits(enc, x), atol=1e-5)
+
+    dec = make("decoder", positions=positions)
+    for left in (False, True):  # a left-padded prompt keeps its positions (the count of real tokens before)
+        xp, m = pad(x, 4, left=left, fill=9)
+        real = logits(dec, xp, attention_mask=m)[m.bool()]
+        assert torch.allclose(real, logits(dec, x)[0], atol=1e-5)
+
+    ed, d = make("encoder-decoder", positions=positions), ids(1, 5, seed=4)
+    xp, m = pad(x, 4, fill=9)
+    padded = logits(ed, xp, attention_mask=m, decoder_input_ids=d)
+    assert torch.allclose(padded, logits(ed, x, decoder_input_ids=d), atol=1e-5)
+    dp, dm = pad(d, 3, fill=9)
+    padded = logits(ed, xp, attention_mask=m, decoder_input_ids=dp, decoder_attention_mask=dm)[:, :5]
+    assert torch.allclose(padded, logits(ed, x, decoder_input_ids=d), atol=1e-5)
+
+
+def test_fully_padded_rows_stay_finite():
+    x = ids(2, 6)
+    m = torch.ones_like(x)
+    m[1] = 0  # an all-padding sequence
+    for kind in KINDS:
+        model = make(kind, positions="relative")
+        out = model(x, attention_mask=m, decoder_input_ids=x, decoder_attention_mask=m).logits
+        out.sum().backward()
+        assert torch.isfinite(out).all()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------------------------- positions
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_positions_matter_and_relative_kinds_depend_only_on_distance(positions):
+    model, x = make("encoder", positions=positions), ids(2, 10)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(logits(model, x)[:, perm], logits(model, x[:, perm]), atol=1e-4)
+    with torch.no_grad():  # shift every absolute position by 7: only RoPE and the relative bias ignore it
+        h = model.embed_tokens(x)
+        pos = torch.arange(10)[None]
+        same = torch.allclose(model.encoder(h, pos), model.encoder(h, pos + 7), atol=1e-5)
+    assert same == (positions in ("rope", "relative"))
+
+
+def test_relative_buckets_match_t5():
+    from models.layers import relative_bucket
+
+    rel = torch.tensor([0, -1, 1, -7, -8, -100, -1000, 5])  # key position - query position
+    assert relative_bucket(rel, True, 32, 128).tolist() == [0, 1, 17, 7, 8, 15, 15, 21]
+    rel = torch.tensor([0, -1, -15, -16, -20, -200, 5])
+    assert relative_bucket(rel, False, 32, 128).tolist() == [0, 1, 15, 16, 17, 31, 0]
+
+
+# ------------------------------------------------------------------------------------------------ switches
+SWITCHES = [
+    {},
+    {"norm": "rmsnorm"},
+    {"norm_placement": "post"},
+    *[{"positions": p} for p in POSITIONS[1:]],
+    *[{"activation": a} for a in ("gelu_tanh", "relu", "geglu", "swiglu")],
+    {"bias": False},
+    {"embed_norm": True},
+    {"tie_embeddings": False},
+    {"tied_output_scale": True, "norm": "rmsnorm", "positions": "relative", "bias": False},
+    {"dropout": 0.1, "n_dec_layers": 1},
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_each_switch_builds_and_trains(kind, switch):
+    arch = Arch(kind, segments=kind != "decoder", lm_transform=kind == "encoder", classifier=2 * (kind == "encoder"))
+    model = make(kind, arch=arch, **switch).train()
+    x, m = ids(3, 9), torch.ones(3, 9, dtype=torch.long)
+    m[0, 6:] = 0
+    out = model(x, attention_mask=m, token_type_ids=(torch.arange(9) >= 4).long().expand(3, 9), decoder_input_ids=x)
+    assert out.logits.shape == (3, 9, V)
+    loss = out.logits.logsumexp(-1).mean() + (out.cls_logits.sum() if out.cls_logits is not None else 0)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} gets no gradient"
+        assert torch.isfinite(p.grad).all(), name
+    names = dict(model.named_parameters())
+    assert ("lm_head.proj.weight" in names) == (not model.cfg.tie_embeddings)
+    assert all("final_norm" not in n for n in names) == (model.cfg.norm_placement == "post")
+    assert not any("sinusoid" in k for k in model.state_dict())  # the fixed table is not a weight
+
+
+def test_tied_output_scale_is_t5s_d_model_rescale():
+    plain = make(norm="rmsnorm", positions="relative", bias=False)
+    scaled = make(norm="rmsnorm", positions="relative", bias=False, tied_output_scale=True)
+    scaled.load_state_dict(plain.state_dict())
+    x = ids(2, 8)
+    assert torch.allclose(logits(scaled, x), logits(plain, x) * 32**-0.5, atol=1e-6)
+
+
+def test_gpt2_small_has_124m_parameters():
+    cfg = ModelConfig(n_layers=12, n_heads=12, d_model=768, d_ff=3072, max_len=1024, activation="gelu_tanh")
+    with torch.device("meta"):
+        model = Transformer(cfg, Arch("decoder"), 50257)
+    assert abs(model.num_params() - 124_439_808) <= 0.005 * 124_439_808
+    assert model.num_params() == 124_439_808  # exactly Hugging Face's GPT-2 count
+    n = 124_439_808 - 50257 * 768 - 1024 * 768
+    assert model.num_params(non_embedding=True) == n
+    assert model.flops_per_token(1024) == 6 * (n + 768 * 50257) + 12 * 12 * 768 * 1024
+
+
+def test_init_scales_residual_projections():
+    model = make(n_layers=3, d_model=256, d_ff=256, n_heads=4)
+    std = lambda w: w.std().item()  # noqa: E731
+    assert std(model.embed.weight) == pytest.approx(0.02, rel=0.05)
+    assert std(model.decoder.blocks[0].attn.qkv.weight) == pytest.approx(0.02, rel=0.05)
+    assert std(model.decoder.blocks[2].mlp.out.weight) == pytest.approx(0.02 / math.sqrt(6), rel=0.05)
+    assert model.decoder.blocks[0].attn.out.bias.abs().max() == 0
+
+
+# --------------------------------------------------------------------------------------------------- heads
+def test_output_mask_selects_rows_of_the_full_logits():
+    model = make("encoder", arch=Arch("encoder", segments=True, lm_transform=True, classifier=2))
+    x = ids(3, 10)
+    sel = torch.rand(3, 10, generator=torch.Generator().manual_seed(0)) < 0.3
+    with torch.no_grad():
+        full, part = model(x), model(x, output_mask=sel)
+    assert part.logits.shape == (int(sel.sum()), V)
+    assert torch.allclose(part.logits, full.logits[sel], atol=1e-6)
+    assert torch.equal(part.cls_logits, full.cls_logits)
+
+
+def test_segment_embeddings_change_the_output_and_cls_shape():
+    model = make("encoder", arch=Arch("encoder", segments=True, classifier=2))
+    x = ids(4, 10)
+    tt = (torch.arange(10) >= 5).long().expand(4, 10)
+    with torch.no_grad():
+        a, b = model(x), model(x, token_type_ids=tt)
+    assert not torch.allclose(a.logits, b.logits, atol=1e-4)
+    assert a.cls_logits.shape == (4, 2)
+    assert make("encoder").forward(x).cls_logits is None
+
+
+# ----------------------------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
+def test_cached_decoding_equals_full_recomputation(kind, positions):
+    model = make(kind, positions=positions)
+    src, src_mask = ids(2, 9, seed=5), torch.ones(2, 9, dtype=torch.long)
+    src_mask[1, 6:] = 0
+    seq = ids(2, 14, seed=6)
+    cache = KVCache()
+    with torch.no_grad():
+        memory = model.encode(src, src_mask) if kind == "encoder-decoder" else None
+        full = model.decode(seq, memory=memory, memory_mask=src_mask)  # (B, T, V) without a cache
+        steps = [(0, 4), (4, 6), *((t, t + 1) for t in range(6, 14))]  # prefill, a 2-token chunk, then 1 by 1
+        for i, (a, b) in enumerate(steps):
+            kw = {"memory": memory, "memory_mask": src_mask} if i == 0 else {}  # cross k/v kept after step 0
+            out = model.decode(seq[:, a:b], cache=cache, **kw)
+            assert torch.allclose(out, full[:, a:b], atol=1e-5, rtol=0), (a, b)
+    assert cache.length == 14 and cache.self_kv[0][0].shape == (2, 4, 14, 8)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_left_padded_batch_decodes_like_single_prompts(positions):
+    model = make(positions=positions)
+    p0, p1 = ids(1, 6, seed=7), ids(1, 3, seed=8)
+    p1_padded, m1 = pad(p1, 3, left=True)
+    prompts, mask = torch.cat((p0, p1_padded)), torch.cat((torch.ones_like(p0), m1))
+    nxt = ids(2, 4, seed=9)
+    with torch.no_grad():
+        cache = KVCache()
+        batched = [model.decode(prompts, cache=cache, attention_mask=mask)[:, -1]]
+        batched += [model.decode(nxt[:, t : t + 1], cache=cache)[:, 0] for t in range(4)]
+        for row, p in enumerate((p0, p1)):
+            single = model.decode(torch.cat((p, nxt[row : row + 1]), 1))[0, p.size(1) - 1 :]  # (5, V)
+            assert torch.allclose(torch.stack([b[row] for b in batched]), single, atol=1e-5)
+
+
+def test_cache_reorder_follows_beams():
+    model = make(positions="rope")
+    x, nxt = ids(3, 5), ids(3, 1, seed=2)
+    order = torch.tensor([2, 2, 0])
+    with torch.no_grad():
+        cache = KVCache()
+        model.decode(x, cache=cache)
+        cache.reorder(order)
+        out = model.decode(nxt, cache=cache)
+        full = model.decode(torch.cat((x[order], nxt), 1))[:, -1:]
+    assert torch.allclose(out, full, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_too_long_is_a_user_error():
+    model = make(max_len=16)
+    with pytest.raises(UserError, match=r"17 tokens .* model.max_len = 16.*data.seq_len"):
+        model(ids(1, 17))
+    cache = KVCache()
+    with torch.no_grad():
+        model.decode(ids(1, 16), cache=cache)
+        with pytest.raises(UserError, match="max_len"):
+            model.decode(ids(1, 1), cache=cache)
+    with pytest.raises(UserError, match="max_len"):
+        make("encoder-decoder", max_len=16, positions="relative")(ids(1, 20), decoder_input_ids=ids(1, 4))
