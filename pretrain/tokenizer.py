@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -139,7 +140,7 @@ def train_tokenizer(texts: Iterable[str], out_prefix: Path | str, vocab_size: in
                     model_type: Literal["unigram", "bpe"] = "unigram", *, seed: int = 1234,
                     character_coverage: float = CHARACTER_COVERAGE) -> Path:
     """Train a sentencepiece model on `texts` (one sentence or document each) and write `<out_prefix>.model`
-    (and a human-readable `<out_prefix>.vocab`: piece and score per line). Returns the .model path.
+    (and a human-readable `<out_prefix>.vocab`: JSON-escaped piece, tab, score per line). Returns the .model path.
 
     Deterministic: same texts, size, type and seed give the same bytes (the thread count is fixed). The
     .model file is written last with an atomic rename, so a present .model file is always complete.
@@ -161,7 +162,8 @@ def train_tokenizer(texts: Iterable[str], out_prefix: Path | str, vocab_size: in
         raise _training_error(str(e), vocab_size) from None
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(_processor(model.getvalue()), model.getvalue(), out_prefix.with_suffix(".model"))
-    vocab_lines = "".join(f"{tok.id_to_piece(i)}\t{tok.sp.get_score(i):.6g}\n" for i in range(tok.size))
+    vocab_lines = "".join(f"{json.dumps(tok.id_to_piece(i), ensure_ascii=False)[1:-1]}\t{tok.sp.get_score(i):.6g}\n"
+                          for i in range(tok.size))  # pieces JSON-escaped, so "\n" is written as \n
     _atomic_write(out_prefix.parent / (out_prefix.name + ".vocab"), vocab_lines.encode("utf-8"))
     path = out_prefix.parent / (out_prefix.name + ".model")
     _atomic_write(path, model.getvalue())
@@ -202,23 +204,34 @@ def _processor(model_bytes: bytes):
     return spm.SentencePieceProcessor(model_proto=model_bytes)
 
 
-def _special_problems(sp) -> list[str]:
-    """What is wrong with a model's special pieces: one entry per piece not at its fixed id as a control
-    piece (`<unk>` must be the unknown piece)."""
-    problems = []
+def _special_problems(sp) -> str:
+    """What is wrong with a model's special pieces, as one phrase ("" if nothing): pieces that are
+    missing, pieces at another id, and pieces at the right id that are not control pieces (`<unk>` must
+    be the unknown piece). A run of sentinels with the same problem is written <extra_id_a..b>."""
+    missing, misplaced, wrong_type = [], [], []
     size = sp.get_piece_size()
     for i, piece in enumerate(SPECIAL_PIECES):
         if i < size and sp.id_to_piece(i) == piece:
-            ok = sp.is_unknown(i) if i == UNK else sp.is_control(i)
-            if not ok:
-                problems.append(f"{piece} (id {i} is not a {'unknown' if i == UNK else 'control'} piece)")
+            if not (sp.is_unknown(i) if i == UNK else sp.is_control(i)):
+                wrong_type.append(piece)
             continue
         j = sp.piece_to_id(piece)
-        if j != sp.unk_id() or piece == SPECIAL_PIECES[UNK] and sp.id_to_piece(j) == piece:
-            problems.append(f"{piece} (at id {j}, needs id {i})")
+        if sp.id_to_piece(j) == piece:
+            misplaced.append(f"{piece} (id {j}, needs {i})")
         else:
-            problems.append(f"{piece} (missing)")
-    return problems
+            missing.append(piece)
+    parts = [f"{label}: {', '.join(_collapse_sentinels(names))}" for label, names in
+             (("missing", missing), ("at the wrong id", misplaced), ("not control pieces", wrong_type)) if names]
+    return "; ".join(parts)
+
+
+def _collapse_sentinels(names: list[str]) -> list[str]:
+    """Write the sentinels in a list of special-piece phrases as one range, e.g. <extra_id_0..99>."""
+    ks = [int(m[1]) for n in names if (m := re.fullmatch(r"<extra_id_(\d+)>", n))]
+    rest = [n for n in names if not re.fullmatch(r"<extra_id_(\d+)>", n)]
+    if len(ks) > 2 and ks == list(range(ks[0], ks[-1] + 1)):
+        return rest + [f"<extra_id_{ks[0]}..{ks[-1]}>"]
+    return names
 
 
 class Tokenizer:
@@ -252,11 +265,10 @@ class Tokenizer:
                             "`pretrain tokenizer train` or sentencepiece") from None
         problems = _special_problems(sp)
         if problems:
-            more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
-            raise UserError(f"tokenizer {path} lacks special pieces at their fixed ids: "
-                            f"{', '.join(problems[:6])}{more}; every objective needs <pad> <unk> <s> </s> "
-                            "[CLS] [SEP] [MASK] <extra_id_0..99> as ids 0..106: train one with "
-                            "`pretrain tokenizer train` (or leave data.tokenizer empty)")
+            raise UserError(f"tokenizer {path} lacks the special pieces at their fixed ids ({problems}); every "
+                            "objective needs <pad> <unk> <s> </s> [CLS] [SEP] [MASK] <extra_id_0..99> as control "
+                            "pieces 0..106: train one with `pretrain tokenizer train` (or leave data.tokenizer "
+                            "empty)")
         return cls(sp, data, path)
 
     def __reduce__(self):
