@@ -6,11 +6,13 @@ and add one line here.
 
 from objectives.base import IGNORE_INDEX, Arch, Batch, Objective
 from objectives.clm import CausalLM
+from objectives.mlm import MaskedLM
 
 DEFAULT_OBJECTIVE = "clm"  # what `pretrain run` trains when no --objective or recipe says otherwise
 
 OBJECTIVES: dict[str, type] = {
     "clm": CausalLM,
+    "mlm": MaskedLM,
 }
 
 __all__ = ["DEFAULT_OBJECTIVE", "IGNORE_INDEX", "OBJECTIVES", "Arch", "Batch", "Objective"]
