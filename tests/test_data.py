@@ -390,3 +390,15 @@ def test_builtin_corpus_cache_round_trip_and_fast_reuse(tmp_path):
     assert not any(line.lstrip().startswith(">>>") for d in docs for line in d.split("\n"))
     assert meta["source"]["kind"] == "builtin" and prep.tokenizer.size == 8000
     assert prep.stats["bytes"] > 1_000_000 and prep.stats["sentences"] > prep.stats["documents"]
+
+
+def test_large_vocabulary_uses_uint32(tmp_path, tok_path, monkeypatch):
+    """Vocabularies above 65536 pieces need uint32 tokens (simulated: the size is all _build looks at)."""
+    src = tmp_path / "c.txt"
+    src.write_text("\n\n".join(make_docs(10)))
+    cfg = cfg_for(tmp_path, src, tokenizer=tok_path)
+    monkeypatch.setattr(Tokenizer, "size", property(lambda self: 70_000))
+    prep = prepare(cfg, progress=False)
+    assert prep.cache.meta["dtype"] == "uint32" and prep.cache.split("train").tokens.dtype == np.uint32
+    monkeypatch.undo()
+    assert_round_trip(prep, read_documents(cfg), cfg)
