@@ -6,6 +6,7 @@ and add one line here.
 
 from objectives.base import IGNORE_INDEX, Arch, Batch, Objective
 from objectives.clm import CausalLM
+from objectives.denoise import Denoising
 from objectives.mlm import MaskedLM
 
 DEFAULT_OBJECTIVE = "clm"  # what `pretrain run` trains when no --objective or recipe says otherwise
@@ -13,6 +14,7 @@ DEFAULT_OBJECTIVE = "clm"  # what `pretrain run` trains when no --objective or r
 OBJECTIVES: dict[str, type] = {
     "clm": CausalLM,
     "mlm": MaskedLM,
+    "denoise": Denoising,
 }
 
 __all__ = ["DEFAULT_OBJECTIVE", "IGNORE_INDEX", "OBJECTIVES", "Arch", "Batch", "Objective"]

@@ -1,0 +1,362 @@
+"""BART's denoising objective on the encoder-decoder (Lewis et al. 2019, "BART: Denoising Sequence-to-Sequence
+Pre-training for Natural Language Generation, Translation, and Comprehension", arXiv:1910.13461; the final
+model: text infilling with Poisson(3) spans over 30% of the text, plus permutation of every sentence),
+faithful to fairseq's `data/denoising_dataset.py` where the paper is silent (REFERENCES.md, D).
+
+Blocks. A block starts at a uniformly random sentence of the cache and takes whole consecutive sentences
+while they fit in seq_len - 2 tokens (a single over-long sentence is cut to seq_len - 2), framed as
+`<s> ... </s>` and right-padded. With `cross_documents` (the default) a block may run on into the next
+document with no separator, which is fairseq's `--sample-break-mode complete` (its `DenoisingDataset`
+strips every `</s>` before blocking, so documents are never marked inside a block); we pack because short
+documents (the built-in corpus is docstrings) would otherwise leave most of each block as padding.
+`cross_documents = false` stops at the document end: fairseq's task default, `complete_doc`.
+The target (`labels`) is the clean block, every token of it (`<s>` and `</s>` included, pads ignored);
+`decoder_input_ids` is it shifted right behind `</s>`, the decoder start token of fairseq (which moves
+`</s>` to the front) and HF (`decoder_start_token_id` = 2 = `</s>` in BART's vocabulary).
+
+Noise, in fairseq's order: permute sentences -> mask (infilling, plus the optional token deletion and
+single-token masking) -> insert -> rotate; then a `random_ratio` fraction of all [MASK]s become a random
+ordinary token (never a special piece; fairseq draws from [1, V), specials included).
+- Sentence permutation: ceil(k * permute_ratio) of the block's k sentences, chosen at random, are shuffled
+  among their own slots (all of them at 1.0); `<s>`/`</s>` stay put. Boundaries are the cache's sentence
+  offsets, so permutation works with any tokenizer (fairseq needs a full-stop token, REFERENCES.md D).
+- Text infilling works on whole words, as BART's `--mask-length span-poisson` does (fairseq's
+  `mask_whole_words`): a word is a piece with sentencepiece's boundary mark ("▁", `vocab.word_start`) and
+  the pieces after it; the first piece of each sentence also starts a word, so a word never straddles a
+  sentence. The budget is M = floor(mask_ratio * W + 1/2) of the block's W words (fairseq: ceil).
+  Span lengths, in words, are Poisson(lambda) draws until they sum to M, the last one cut so the sum is
+  exactly M (zero-length draws stay: each inserts a [MASK]); the cut span trades places with a random one,
+  as fairseq puts its cut span at a random start. The spans are then laid out left to right in that order
+  with the W - M unmasked words as gaps: at least one unmasked word between two spans (so spans never
+  overlap or touch), the remaining F unmasked words split among the m + 1 gaps by the spacings of m sorted
+  uniform draws on [0, F] (exchangeable gaps; T5's composition does the same job). Each span becomes ONE
+  [MASK] (fairseq's `--replace-length 1`). So exactly M words are masked in every block, spans start at word
+  starts and end at word ends, and never touch `<s>`/`</s>`. fairseq instead samples span starts with
+  replacement-free positions but lets spans overlap, so it covers ~27% of words when asked for 30%.
+  The *token* fraction is M/W words' worth of tokens: 0.30 in expectation, exact when every piece starts a
+  word. (If the unmasked words cannot separate the spans, only at mask ratios near 1, spans may touch.)
+- Off by default, as in the final BART: `delete_ratio` / `token_mask_ratio` delete / replace by [MASK]
+  each remaining token independently with that probability (the paper's token deletion and token masking);
+  `insert_ratio` inserts round(insert_ratio * n) random ordinary tokens at uniform gaps (fairseq inserts
+  [MASK]s, a `random_ratio` share of them random: the issue asks for random-token insertion);
+  `rotate_ratio` is the probability a block is rotated to start at a uniformly random token, `<s>`/`</s>`
+  kept in place.
+
+Everything is tensor code over the whole batch: the only loops are over a few numbers of rounds (drawing
+more Poisson lengths in the rare batch where the first draw falls short of a budget).
+The source is padded per batch to its longest row with an `attention_mask`; it is cut to
+`positions_needed(seq_len)` (keeping `</s>`) in the pathological case where zero-length spans make it
+longer, which needs a mask ratio near 0 on a full block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from objectives.base import IGNORE_INDEX, Arch, Batch, Terms, ce_terms, shift_right
+from pretrain.data import TokenSplit
+from pretrain.errors import UserError
+from pretrain.tokenizer import Vocab
+
+
+@lru_cache(maxsize=16)
+def poisson_cdf(lam: float) -> torch.Tensor:
+    """(K,) float64 cumulative distribution of Poisson(lam) up to where the tail is below 1e-12; a uniform
+    u maps to the draw searchsorted(cdf, u, right=True) (inverse-CDF sampling: exact up to that tail)."""
+    k_max = int(lam + 12 * math.sqrt(lam) + 30)
+    k = torch.arange(k_max + 1, dtype=torch.float64)
+    log_pmf = k * math.log(lam) - lam - torch.lgamma(k + 1)
+    cdf = log_pmf.exp().cumsum(0)
+    return cdf[: int((cdf < 1 - 1e-12).sum()) + 1].clamp(max=1.0)
+
+
+def sentence_blocks(split: TokenSplit, vocab: Vocab, first_sent: np.ndarray, seq_len: int, cross_documents: bool):
+    """Clean blocks of whole sentences starting at sentences `first_sent` (B,).
+
+    Returns (block (B, seq_len) int64 `<s> tokens </s> pad...`, n (B,) content tokens, sent_first (B, seq_len)
+    bool marking each sentence's first token). Sentences are added while they fit in seq_len - 2 tokens; a
+    first sentence that does not fit alone is cut.
+    """
+    so = split.sent_offsets
+    B, C = len(first_sent), seq_len - 2
+    a = so[first_sent]  # (B,) first token
+    end = np.searchsorted(so, a + C, side="right") - 1  # (B,) sentences first_sent..end-1 fit in C tokens
+    if not cross_documents:
+        end = np.minimum(end, split.doc_first_sent[split.sent_doc[first_sent] + 1])
+    end = np.maximum(end, first_sent + 1)  # at least one (cut) sentence
+    n = np.minimum(so[end] - a, C)  # (B,)
+    j = np.arange(C)
+    toks = np.asarray(split.tokens)[np.minimum(a[:, None] + j, split.n_tokens - 1)].astype(np.int64)  # (B, C)
+    block = np.full((B, seq_len), vocab.pad, np.int64)
+    block[:, 0] = vocab.bos
+    block[:, 1:-1] = np.where(j < n[:, None], toks, vocab.pad)
+    rows = np.arange(B)
+    block[rows, n + 1] = vocab.eos
+    k = end - first_sent  # (B,) sentences in the block
+    r = np.arange(int(k.max()))
+    rel = so[np.minimum(first_sent[:, None] + r, split.n_sents)] - a[:, None]  # (B, K) sentence starts in the block
+    ok = r < k[:, None]
+    sent_first = np.zeros((B, seq_len), bool)
+    sent_first[np.broadcast_to(rows[:, None], ok.shape)[ok], 1 + rel[ok]] = True
+    return torch.from_numpy(block), torch.from_numpy(n), torch.from_numpy(sent_first)
+
+
+def permute_sentences(ids: torch.Tensor, sent_first: torch.Tensor, n: torch.Tensor, ratio: float,
+                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle ceil(k * ratio) randomly chosen sentences of each row among their own slots (fairseq's
+    `permute_sentences`); positions 0 (`<s>`) and n + 1.. (`</s>`, pads) stay. ids, sent_first (B, T)."""
+    B, T = ids.shape
+    pos = torch.arange(T)
+    content = (pos >= 1) & (pos <= n[:, None])  # (B, T)
+    sid = sent_first.long().cumsum(1) - 1  # (B, T) sentence of each content token
+    k = sent_first.sum(1)  # (B,) sentences per row
+    K = int(k.max())
+    sid_c = sid.clamp(0, K - 1)
+    lens = torch.zeros(B, K, dtype=torch.long).scatter_add_(1, sid_c, content.long())  # (B, K)
+    r = torch.arange(K)
+    valid = r < k[:, None]
+    # Choose ceil(k * ratio) sentences: the ones with the smallest random keys (all valid ones at ratio 1).
+    n_perm = torch.ceil(k * ratio).long()  # (B,)
+    if ratio < 1.0:
+        rank = torch.rand(B, K, generator=gen).masked_fill(~valid, 2.0).argsort(1).argsort(1)
+        chosen = rank < n_perm[:, None]
+    else:
+        chosen = valid
+    # Chosen slots in position order receive the chosen sentences in random order; the rest map to themselves.
+    slot_order = torch.where(chosen, r, K + r).argsort(1)  # (B, K)
+    sent_order = torch.where(chosen, torch.rand(B, K, generator=gen), 1.0 + r).argsort(1)  # (B, K)
+    ordering = torch.empty_like(slot_order).scatter_(1, slot_order, sent_order)  # slot t holds sentence ordering[t]
+    old_start = lens.cumsum(1) - lens  # (B, K)
+    slot_len = lens.gather(1, ordering)
+    new_start = torch.empty_like(lens).scatter_(1, ordering, slot_len.cumsum(1) - slot_len)  # per sentence
+    shift = (new_start - old_start).gather(1, sid_c)  # (B, T)
+    new_pos = torch.where(content, pos + shift, pos)  # a permutation of 0..T-1 in every row
+    out_ids = torch.empty_like(ids).scatter_(1, new_pos, ids)
+    return out_ids, torch.empty_like(sent_first).scatter_(1, new_pos, sent_first)
+
+
+def poisson_spans(budget: torch.Tensor, lam: float,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Span lengths for each row: Poisson(lam) draws until they sum to budget (B,), the last cut to fit and
+    then swapped with a uniformly random span. Returns (lengths (B, S) int64, zero past each row's spans;
+    m (B,) number of spans, 0 where the budget is 0; cut (B,) index of the cut span, the one not a whole draw)."""
+    cdf = poisson_cdf(lam)
+    B = budget.numel()
+    top = int(budget.max()) if B else 0
+    S = int(top / max(lam, 1e-3) + 4 * math.sqrt(top / max(lam, 1e-3)) + 4)  # almost always enough draws
+    u = torch.rand(B, S, generator=gen, dtype=torch.float64)
+    lengths = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.numel() - 1)
+    cum = lengths.cumsum(1)
+    while bool((cum[:, -1] < budget).any()):  # rare: a row's draws fell short; draw another round
+        u = torch.rand(B, S, generator=gen, dtype=torch.float64)
+        lengths = torch.cat([lengths, torch.searchsorted(cdf, u, right=True).clamp(max=cdf.numel() - 1)], 1)
+        cum = lengths.cumsum(1)
+    S = lengths.size(1)
+    m = torch.where(budget > 0, (cum < budget[:, None]).sum(1) + 1, 0)  # (B,) first index reaching the budget, +1
+    r = torch.arange(S)
+    last = r == (m - 1)[:, None]
+    lengths = torch.where(last, budget[:, None] - (cum - lengths), lengths).masked_fill(r >= m[:, None], 0)
+    # The cut span takes a uniformly random place among the row's spans (its lengths are otherwise i.i.d.).
+    j = (torch.rand(B, generator=gen) * m).long().clamp(max=(m - 1).clamp(min=0))[:, None]  # (B, 1)
+    i = (m - 1).clamp(min=0)[:, None]
+    lj, li = lengths.gather(1, j), lengths.gather(1, i)
+    lengths = lengths.scatter(1, j, li).scatter(1, i, lj)
+    return lengths, m, j[:, 0]
+
+
+def place_spans(n_words: torch.Tensor, lengths: torch.Tensor, m: torch.Tensor,
+                gen: torch.Generator) -> torch.Tensor:
+    """First word (B, S) of each span, laid out left to right with the unmasked words as gaps (see the
+    module docstring): at least one unmasked word between consecutive spans when there are enough, the rest
+    split by the spacings of sorted uniform draws. Entries past a row's m spans are meaningless."""
+    B, S = lengths.shape
+    r = torch.arange(S)
+    kept = n_words - lengths.sum(1)  # (B,) unmasked words
+    sep = (kept >= m - 1).long()  # (B,) 1 = keep one unmasked word between consecutive spans
+    free = kept - sep * (m - 1).clamp(min=0)  # (B,) unmasked words left to distribute over the m + 1 gaps
+    u = torch.rand(B, S, generator=gen).masked_fill(r >= m[:, None], 2.0).sort(1).values
+    c = (u * (free + 1)[:, None]).long().clamp(max=free[:, None])  # (B, S) free words before span r
+    return c + (lengths.cumsum(1) - lengths) + sep[:, None] * r
+
+
+@dataclass(frozen=True)
+class Denoising:
+    """BART's denoising autoencoder: the encoder reads a corrupted block, the decoder rewrites it clean."""
+
+    mask_ratio: float = 0.3  # fraction of each block's words hidden by text infilling (0 = no infilling)
+    poisson_lambda: float = 3.0  # mean of the Poisson distribution of infilling span lengths, in words
+    random_ratio: float = 0.1  # fraction of [MASK]s that become a random ordinary token (fairseq --mask-random)
+    permute_ratio: float = 1.0  # fraction of each block's sentences shuffled among themselves
+    delete_ratio: float = 0.0  # probability each remaining token is deleted (paper's token deletion)
+    token_mask_ratio: float = 0.0  # probability each remaining token becomes [MASK] alone (paper's token masking)
+    rotate_ratio: float = 0.0  # probability a block is rotated to start at a random token (document rotation)
+    insert_ratio: float = 0.0  # random ordinary tokens inserted, as a fraction of the block's tokens
+    cross_documents: bool = True  # a block may continue into the next document (fairseq "complete" mode)
+
+    name: ClassVar[str] = "denoise"
+    arch: ClassVar[Arch] = Arch(kind="encoder-decoder")
+    loss_terms: ClassVar[dict[str, str]] = {"denoise_loss": "labels"}
+    default_recipe: ClassVar[str] = "bart-tiny"  # recipe used by `pretrain run --objective denoise` alone
+
+    def __post_init__(self) -> None:
+        for key in ("mask_ratio", "random_ratio", "permute_ratio", "delete_ratio", "token_mask_ratio",
+                    "rotate_ratio", "insert_ratio"):
+            v = getattr(self, key)
+            if not 0.0 <= v <= 1.0:
+                raise UserError(f"objective.{key} must be in [0, 1], got {v}")
+        if not 0.1 <= self.poisson_lambda <= 100.0:
+            raise UserError(f"objective.poisson_lambda must be in [0.1, 100], got {self.poisson_lambda}")
+        if self.delete_ratio + self.token_mask_ratio > 1.0:
+            raise UserError("objective.delete_ratio + objective.token_mask_ratio must be <= 1, got "
+                            f"{self.delete_ratio} + {self.token_mask_ratio}")
+
+    def positions_needed(self, seq_len: int) -> int:
+        """The decoder reads seq_len tokens; the source is at most that plus the random insertions."""
+        return seq_len + math.ceil(self.insert_ratio * (seq_len - 2))
+
+    def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
+        """batch_size blocks of whole sentences, corrupted. input_ids/attention_mask (B, S) padded to the
+        longest source; labels (B, T) the clean blocks with pads -> IGNORE_INDEX, T the longest block;
+        decoder_input_ids (B, T) = labels shifted right behind `</s>`."""
+        if seq_len < 3:
+            raise UserError(f"data.seq_len must be >= 3 for denoising, got {seq_len}")
+        if split.n_sents < 1:
+            raise ValueError("split has no sentences")
+        starts = torch.randint(0, split.n_sents, (batch_size,), generator=gen)
+        block, n, sent_first = sentence_blocks(split, vocab, starts.numpy(), seq_len, self.cross_documents)
+        T = int(n.max()) + 2
+        block, sent_first = block[:, :T], sent_first[:, :T]  # (B, T): trim padding common to the whole batch
+        labels = block.masked_fill(block == vocab.pad, IGNORE_INDEX)
+        src = block
+        if self.permute_ratio > 0:
+            src, sent_first = permute_sentences(src, sent_first, n, self.permute_ratio, gen)
+        input_ids, attention_mask = self.corrupt(src, sent_first, n, vocab, gen, self.positions_needed(seq_len))
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "decoder_input_ids": shift_right(labels, vocab.eos, vocab.pad),
+        }
+
+    def corrupt(self, src: torch.Tensor, sent_first: torch.Tensor, n: torch.Tensor, vocab: Vocab,
+                gen: torch.Generator, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Infilling, deletion, token masking, insertion, rotation and random replacement of (B, T) blocks
+        with content at 1..n; returns (input_ids (B, S), attention_mask (B, S)), S <= limit."""
+        B, T = src.shape
+        pos = torch.arange(T)
+        content = (pos >= 1) & (pos <= n[:, None])  # (B, T)
+        eos_pos = (n + 1)[:, None]  # (B, 1)
+        # Words: a word-start piece or a sentence's first piece opens one; wid numbers them per row.
+        word_first = content & (vocab.word_start_t[src] | sent_first)
+        word_first[:, 1] = True
+        wid = word_first.long().cumsum(1) - 1  # (B, T)
+        n_words = word_first.sum(1)  # (B,)
+        W = int(n_words.max()) + 2
+        wid_c = torch.where(content, wid, W - 1)  # non-content positions read a dummy word that is never masked
+
+        masked = torch.zeros_like(content)  # (B, T) tokens removed by infilling (span heads included)
+        head = torch.zeros_like(content)  # (B, T) first token of a span: becomes the span's [MASK]
+        n_ins = torch.zeros(B, T, dtype=torch.long)  # (B, T) [MASK]s inserted just before each position
+        if self.mask_ratio > 0:
+            budget = (self.mask_ratio * n_words + 0.5).floor().long()  # (B,) words to mask
+            lengths, m, _ = poisson_spans(budget, self.poisson_lambda, gen)  # (B, S)
+            start = place_spans(n_words, lengths, m, gen)  # (B, S) first word of each span
+            live = torch.arange(lengths.size(1)) < m[:, None]
+            start = torch.where(live, start, W - 1)
+            pos_span = live & (lengths > 0)
+            # Covered words: +1 at each span's first word, -1 just past its last, then a running sum.
+            edge = torch.zeros(B, W + 1, dtype=torch.long)
+            edge.scatter_add_(1, start, pos_span.long()).scatter_add_(1, start + lengths, -pos_span.long())
+            covered = edge.cumsum(1)[:, :W] > 0  # (B, W)
+            opens = torch.zeros(B, W, dtype=torch.bool).scatter_(1, start, pos_span)  # (B, W) span heads
+            ins = torch.zeros(B, W, dtype=torch.long).scatter_add_(1, start, (live & (lengths == 0)).long())
+            masked = covered.gather(1, wid_c)
+            head = word_first & opens.gather(1, wid_c)
+            # A zero-length span at word w inserts before w's first piece; at w = n_words, before `</s>`.
+            n_ins = torch.where(word_first, ins.gather(1, wid_c), 0)
+            n_ins.scatter_add_(1, eos_pos, ins.gather(1, n_words[:, None]))
+        single = None
+        frame = (pos == 0) | (pos == eos_pos)  # (B, T) `<s>` and `</s>`; pads emit nothing
+        keep = frame | (content & (~masked | head))  # (B, T) positions that emit a token
+        if self.delete_ratio > 0 or self.token_mask_ratio > 0:
+            u = torch.rand(B, T, generator=gen)
+            rest = content & ~masked
+            keep &= ~(rest & (u < self.delete_ratio))
+            single = rest & (u >= self.delete_ratio) & (u < self.delete_ratio + self.token_mask_ratio)
+        n_rand = None
+        if self.insert_ratio > 0:
+            k = (self.insert_ratio * n + 0.5).floor().long()  # (B,) random tokens to insert
+            E = int(k.max())
+            gap = 1 + (torch.rand(B, E, generator=gen) * (n + 1)[:, None]).long()  # before positions 1..n+1
+            gap = torch.where(torch.arange(E) < k[:, None], gap, 0)
+            n_rand = torch.zeros(B, T, dtype=torch.long).scatter_add_(1, gap, (gap > 0).long())
+        # Emit: each position writes its inserted tokens (random ones first, then [MASK]s), then itself.
+        n_before = n_ins if n_rand is None else n_ins + n_rand
+        width = n_before + keep.long()
+        first = width.cumsum(1) - width  # (B, T) first output slot of each position's insertions
+        out_pos = first + n_before  # (B, T) output slot of the token itself (when kept)
+        total = width.sum(1)  # (B,) source lengths
+        value = src.masked_fill(head, vocab.mask)
+        if single is not None:
+            value = value.masked_fill(single, vocab.mask)
+        S = int(total.max())
+        out = torch.full((B, S + 1), vocab.mask, dtype=torch.long)  # unwritten slots are inserted [MASK]s
+        out.scatter_(1, torch.where(keep, out_pos, S), value)
+        if n_rand is not None:
+            # Mark each run of random insertions with +1 at its first slot and -1 past its last.
+            runs = torch.zeros(B, S + 2, dtype=torch.long)
+            has = n_rand > 0
+            runs.scatter_add_(1, torch.where(has, first, S + 1), has.long())
+            runs.scatter_add_(1, torch.where(has, first + n_rand, S + 1), -has.long())
+            is_rand = runs.cumsum(1)[:, : S + 1] > 0
+            n_draw = int(is_rand.sum())
+            draws = vocab.ordinary_ids[torch.randint(len(vocab.ordinary_ids), (n_draw,), generator=gen)]
+            out = out.masked_scatter(is_rand, draws)
+        out = out[:, :S]
+        slot = torch.arange(S)
+        if S > limit:  # pathological: more zero-length spans than masked words on a full block; keep `</s>`
+            total = total.clamp(max=limit)
+            out = out[:, :limit].scatter(1, (total - 1)[:, None], vocab.eos)
+            S, slot = limit, slot[:limit]
+        attention_mask = slot < total[:, None]  # (B, S)
+        if self.rotate_ratio > 0:
+            # Rotate the content (slots 1..total-2) to start at a uniformly random content token.
+            c = (total - 2).clamp(min=1)
+            rot = torch.rand(B, generator=gen) < self.rotate_ratio
+            off = torch.where(rot, (torch.rand(B, generator=gen) * c).long(), 0)
+            inner = (slot >= 1) & (slot <= (total - 2)[:, None])
+            src_slot = torch.where(inner, 1 + (slot - 1 + off[:, None]) % c[:, None], slot)
+            out = out.gather(1, src_slot)
+        out = out.masked_fill(~attention_mask, vocab.pad)
+        if self.random_ratio > 0:  # last, so the same seed masks the same spans whatever random_ratio is
+            swap = (out == vocab.mask) & (torch.rand(B, S, generator=gen) < self.random_ratio)
+            draws = vocab.ordinary_ids[torch.randint(len(vocab.ordinary_ids), (int(swap.sum()),), generator=gen)]
+            out = out.masked_scatter(swap, draws)
+        return out, attention_mask.long()
+
+    def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
+        """Summed reconstruction cross-entropy over every target token and token accuracy."""
+        logits = model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=batch["decoder_input_ids"],
+        ).logits  # (B, T, V)
+        return ce_terms(logits, batch["labels"], "denoise", label_smoothing)
+
+    def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
+        """Loss in nats per target token of the best unigram model of the targets: the block tokens
+        (unigram-distributed as in the split) plus one `<s>` and one `</s>` per block, their share 2/(n+2)
+        estimated from the mean content length n of 4096 fixed blocks."""
+        counts = np.bincount(np.asarray(split.tokens), minlength=vocab.size).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        h = float(-(p * np.log(p)).sum())
+        starts = np.random.default_rng(0).integers(0, split.n_sents, 4096)
+        _, n, _ = sentence_blocks(split, vocab, starts, seq_len, self.cross_documents)
+        f = 2.0 / (float(n.double().mean()) + 2.0)  # share of frame tokens among targets
+        return {"unigram_target_loss": (1 - f) * (h - math.log(1 - f)) + f * math.log(2 / f)}
