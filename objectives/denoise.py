@@ -31,8 +31,8 @@ ordinary token (never a special piece; fairseq draws from [1, V), specials inclu
   overlap or touch), the remaining F unmasked words split among the m + 1 gaps by the spacings of m sorted
   uniform draws on [0, F] (exchangeable gaps; T5's composition does the same job). Each span becomes ONE
   [MASK] (fairseq's `--replace-length 1`). So exactly M words are masked in every block, spans start at word
-  starts and end at word ends, and never touch `<s>`/`</s>`. fairseq instead samples span starts with
-  replacement-free positions but lets spans overlap, so it covers ~27% of words when asked for 30%.
+  starts and end at word ends, and never touch `<s>`/`</s>`. fairseq instead draws span starts among
+  word starts without replacement but lets spans overlap: it covers ~27% when asked for 30% (measured).
   The *token* fraction is M/W words' worth of tokens: 0.30 in expectation, exact when every piece starts a
   word. (If the unmasked words cannot separate the spans, only at mask ratios near 1, spans may touch.)
 - Off by default, as in the final BART: `delete_ratio` / `token_mask_ratio` delete / replace by [MASK]
