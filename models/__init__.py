@@ -1,6 +1,5 @@
-"""The one Transformer backbone (decoder, encoder, encoder-decoder) and its configuration."""
+"""The one Transformer backbone (decoder, encoder, encoder-decoder) and its configuration.
 
-from models.config import ModelConfig
-from models.transformer import KVCache, ModelOutput, Transformer
-
-__all__ = ["KVCache", "ModelConfig", "ModelOutput", "Transformer"]
+Import the model from `models.transformer`; this package file stays light so that reading a config
+(`models.config`) never imports torch.
+"""

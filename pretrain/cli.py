@@ -194,7 +194,7 @@ def tokenizer_train(
     sets: SetOpt = None,
 ) -> None:
     """Train a sentencepiece tokenizer with the fixed special pieces every objective needs."""
-    from pretrain.data import read_documents
+    from pretrain.data import read_documents, split_sentences
     from pretrain.tokenizer import train_tokenizer
 
     if kind not in ("unigram", "bpe"):
@@ -203,7 +203,8 @@ def tokenizer_train(
         raise UserError(f"{out}.model already exists; choose another --out or delete it")
     cfg, _ = _resolve(recipe, None, data, None, sets)
     docs = read_documents(cfg.data)
-    path = train_tokenizer(docs, out, vocab_size, kind)
+    # sentence by sentence, exactly as `prepare` trains its tokenizer, so both give the same model
+    path = train_tokenizer((s for d in docs for s in split_sentences(d)), out, vocab_size, kind)
     console.print(f"wrote {path}")
 
 

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from models import KVCache, ModelConfig, Transformer
+from models.config import ModelConfig
+from models.transformer import KVCache, Transformer
 from objectives.base import Arch
 from pretrain.errors import UserError
 
