@@ -8,12 +8,15 @@ from objectives.base import IGNORE_INDEX, Arch, Batch, Objective
 from objectives.clm import CausalLM
 from objectives.denoise import Denoising
 from objectives.mlm import MaskedLM
+from objectives.span import PrefixLM, SpanCorruption
 
 DEFAULT_OBJECTIVE = "clm"  # what `pretrain run` trains when no --objective or recipe says otherwise
 
 OBJECTIVES: dict[str, type] = {
     "clm": CausalLM,
     "mlm": MaskedLM,
+    "span": SpanCorruption,
+    "prefix": PrefixLM,
     "denoise": Denoising,
 }
 

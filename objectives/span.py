@@ -1,0 +1,273 @@
+"""T5 span corruption and prefix LM on the encoder-decoder (Raffel et al. 2020, "Exploring the Limits of
+Transfer Learning with a Unified Text-to-Text Transformer", JMLR 21(140); the "i.i.d. noise, replace
+spans" objective and the prefix-LM baseline), faithful to google-research/text-to-text-transfer-transformer
+`t5/data/preprocessors.py` (`span_corruption`, `random_spans_helper`, `random_spans_noise_mask`,
+`noise_span_to_unique_sentinel`, `prefix_lm`, `random_prefix_noise_mask`).
+
+Span corruption, for encoder input length L_in = `data.seq_len`:
+1. Length accounting (`span_lengths`): the largest raw window n with n - noise + spans + 1 <= L_in
+   (noise = round(n * density), spans = round(noise / mean_span), half-to-even, +1 for `</s>`); the targets
+   are noise + spans + 1 long. 512 -> n = 568 (85 noise tokens in 28 spans), targets 114.
+2. Windows of n tokens from the document stream joined with *no separator*, as T5's
+   `reduce_concat_tokens` does (REFERENCES.md C). We keep that: a window may cross a document boundary
+   unmarked, exactly as in T5's C4 pipeline.
+3. Noise mask: noise and non-noise tokens are each split into `spans` positive parts by a uniform random
+   composition (not Poisson) and interleaved non-noise, noise, ..., so the mask starts with non-noise and
+   ends with noise (T5's default, `random_roll=False`).
+4. Inputs: each noise span becomes one sentinel <extra_id_k>, k = 0, 1, ... in order; targets: each
+   span's sentinel followed by the span, no trailing sentinel; `</s>` appended to both after noising. The
+   decoder input is the targets shifted right behind <pad> (T5's start token). The loss covers every
+   target token, sentinels and `</s>` included.
+Every row of a batch has the same n, hence the same noise and span counts: inputs are exactly (B, L_in)
+and targets (B, noise + spans + 1), with no padding, which keeps everything fixed-shape tensor code.
+
+Deliberate deviations: window starts are uniform random positions in the stream (T5 cuts consecutive
+chunks of a shuffled stream); our sentinel ids count up from 7 (`<extra_id_k>` = 7 + k, our tokenizer's
+fixed ids) where T5's count down from V - 1 — the same pieces, other numbers; at most 100 sentinels, so
+a seq_len that needs more spans is an error rather than a silent reuse of vocabulary ids.
+
+Prefix LM (T5's `prefix_lm`): a window of n = seq_len - 1 tokens (room for `</s>`, as
+`split_tokens_to_inputs_length`), split at a uniform point k in [1, n - 1]; the encoder reads the first k
+tokens + `</s>` (right-padded to seq_len), the decoder predicts the other n - k tokens + `</s>`. Deviation:
+T5 takes segments inside one document (shorter at document ends); we take fixed-length windows of the
+same separator-free stream as span corruption, so shapes stay fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from objectives.base import IGNORE_INDEX, Arch, Batch, Terms, ce_terms, shift_right
+from pretrain.data import TokenSplit
+from pretrain.errors import UserError
+from pretrain.tokenizer import N_SENTINELS, Vocab
+
+
+def span_counts(n: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """(num_noise, num_spans) for a raw window of n tokens, as T5's `random_spans_noise_mask`:
+    num_noise = clamp(round(n * density), 1, n - 1), num_spans = max(1, round(num_noise / mean_span)),
+    Python's round (half to even, like tf.round)."""
+    num_noise = min(max(round(n * noise_density), 1), n - 1)
+    num_spans = max(1, round(num_noise / mean_span))
+    return num_noise, num_spans
+
+
+@lru_cache(maxsize=64)
+def span_lengths(seq_len: int, noise_density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int]:
+    """(n, targets_len): the largest raw window n whose corrupted input, one sentinel per span plus
+    `</s>`, fits seq_len (T5's `random_spans_helper`), and the target length noise + spans + 1.
+
+    The input length n - noise + spans + 1 grows by 0 or 1 with each extra raw token (noise and spans
+    each grow by at most 1, spans only when noise does), so the largest such n gives *exactly* seq_len.
+    512 -> (568, 114); 128 -> (141, 29); 256 -> (284, 58); 1024 -> (1137, 229).
+    """
+
+    def inputs_len(n: int) -> int:
+        noise, spans = span_counts(n, noise_density, mean_span)
+        return n - noise + spans + 1
+
+    if seq_len < 3:
+        raise UserError(f"data.seq_len must be >= 3 for span corruption, got {seq_len}")
+    lo, hi = 2, 2  # inputs_len(2) = 3 <= seq_len; grow hi until it overshoots, then bisect
+    while inputs_len(hi) <= seq_len:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if inputs_len(mid) <= seq_len else (lo, mid)
+    n = lo
+    noise, spans = span_counts(n, noise_density, mean_span)
+    assert inputs_len(n) == seq_len, (seq_len, n)
+    if n - noise < spans:
+        raise UserError(
+            f"noise_density {noise_density} with mean_span {mean_span} leaves {n - noise} non-noise tokens for "
+            f"{spans} spans; lower objective.noise_density or raise objective.mean_span"
+        )
+    if spans > N_SENTINELS:
+        raise UserError(
+            f"data.seq_len {seq_len} needs {spans} noise spans but the tokenizer has {N_SENTINELS} sentinels; "
+            "lower data.seq_len or raise objective.mean_span"
+        )
+    return n, noise + spans + 1
+
+
+def random_compositions(batch_size: int, total: int, parts: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, parts) int64: per row, a uniform random composition of `total` into `parts` positive parts
+    (T5's `_random_segmentation`): the parts - 1 cut points are a uniform random subset of {1..total-1},
+    taken as the top parts - 1 of iid uniform scores."""
+    if parts == 1:
+        return torch.full((batch_size, 1), total, dtype=torch.long)
+    scores = torch.rand(batch_size, total - 1, generator=gen)  # (B, total-1): one per possible cut
+    cuts = scores.topk(parts - 1, dim=1, sorted=False).indices.sort(dim=1).values + 1  # (B, parts-1)
+    edges = torch.cat(
+        [cuts.new_zeros(batch_size, 1), cuts, cuts.new_full((batch_size, 1), total)], dim=1
+    )  # (B, parts+1)
+    return edges.diff(dim=1)
+
+
+def noise_segments(batch_size: int, n: int, num_noise: int, num_spans: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, n) int64 segment id of every position: 0, 2, 4, ... are the non-noise spans and 1, 3, 5, ... the
+    noise spans, in order, so `seg % 2 == 1` is T5's noise mask (starts non-noise, ends noise) and
+    `seg // 2` is the span's sentinel number."""
+    noise_len = random_compositions(batch_size, num_noise, num_spans, gen)  # (B, S)
+    keep_len = random_compositions(batch_size, n - num_noise, num_spans, gen)  # (B, S)
+    lengths = torch.stack([keep_len, noise_len], dim=2).view(-1)  # (B*2S,) interleaved non-noise, noise
+    ids = torch.arange(2 * num_spans).repeat(batch_size)  # (B*2S,)
+    return torch.repeat_interleave(ids, lengths, output_size=batch_size * n).view(batch_size, n)
+
+
+def stream_windows(split: TokenSplit, batch_size: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, length) int64 windows at uniform random starts of the documents joined with no separator
+    (T5's `reduce_concat_tokens`); ids are taken as they are in the cache, none is filtered."""
+    if split.n_tokens < length:
+        raise UserError(
+            f"a split has {split.n_tokens} tokens, fewer than the {length} one window needs; "
+            "lower data.seq_len or use more text"
+        )
+    starts = torch.randint(0, split.n_tokens - length + 1, (batch_size,), generator=gen)
+    idx = starts.numpy()[:, None] + np.arange(length)  # (B, length)
+    return torch.from_numpy(np.asarray(split.tokens[idx], dtype=np.int64))
+
+
+def _unigram_entropy(split: TokenSplit, vocab: Vocab) -> float:
+    """Entropy in nats of the split's token unigram distribution (the stream has no separators)."""
+    counts = np.bincount(np.asarray(split.tokens), minlength=vocab.size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclass(frozen=True)
+class SpanCorruption:
+    """T5's span corruption: noise spans replaced by sentinels in the encoder input; the decoder writes
+    each sentinel followed by the span it hides."""
+
+    noise_density: float = 0.15  # fraction of the raw window's tokens that are noise (hidden and predicted)
+    mean_span: float = 3.0  # mean noise span length in tokens (spans = round(noise / mean_span))
+
+    name: ClassVar[str] = "span"
+    arch: ClassVar[Arch] = Arch(kind="encoder-decoder")
+    loss_terms: ClassVar[dict[str, str]] = {"span_loss": "labels"}
+    default_recipe: ClassVar[str] = "t5-tiny"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.noise_density < 1.0:
+            raise UserError(f"objective.noise_density must be in (0, 1), got {self.noise_density}")
+        if not self.mean_span >= 1.0:
+            raise UserError(f"objective.mean_span must be >= 1, got {self.mean_span}")
+
+    def lengths(self, seq_len: int) -> tuple[int, int]:
+        """(raw window length n, target length) for encoder input length seq_len."""
+        return span_lengths(seq_len, self.noise_density, self.mean_span)
+
+    def positions_needed(self, seq_len: int) -> int:
+        """The encoder reads seq_len tokens, the decoder noise + spans + 1 (fewer)."""
+        return max(seq_len, self.lengths(seq_len)[1])
+
+    def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
+        """batch_size raw windows of n tokens, corrupted: input_ids (B, seq_len), labels and
+        decoder_input_ids (B, noise + spans + 1); no padding anywhere."""
+        n, tgt_len = self.lengths(seq_len)
+        num_noise, num_spans = span_counts(n, self.noise_density, self.mean_span)
+        B = batch_size
+        w = stream_windows(split, B, n, gen)  # (B, n)
+        seg = noise_segments(B, n, num_noise, num_spans, gen)  # (B, n)
+        noise = (seg & 1).bool()  # (B, n)
+        first = torch.ones_like(noise)  # (B, n): first position of each span (noise or not)
+        first[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        sentinel = vocab.sentinel(0) + (seg >> 1)  # (B, n): the sentinel of the span pair each position is in
+        # Inputs keep non-noise tokens and put the sentinel on the first token of each noise span; targets
+        # are the mirror image: noise tokens kept, each non-noise span reduced to its sentinel.
+        inp = torch.where(noise, sentinel, w).masked_select(~noise | first).view(B, n - num_noise + num_spans)
+        tgt = torch.where(noise, w, sentinel).masked_select(noise | first).view(B, num_noise + num_spans)
+        eos = w.new_full((B, 1), vocab.eos)
+        input_ids = torch.cat([inp, eos], dim=1)  # (B, seq_len)
+        labels = torch.cat([tgt, eos], dim=1)  # (B, tgt_len)
+        assert input_ids.shape == (B, seq_len) and labels.shape == (B, tgt_len)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "decoder_input_ids": shift_right(labels, vocab.pad, vocab.pad),
+        }
+
+    def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
+        """Summed cross-entropy over every target token (sentinels and `</s>` included) and accuracy."""
+        logits = model(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            decoder_input_ids=batch["decoder_input_ids"],
+        ).logits  # (B, T_tgt, V)
+        return ce_terms(logits, batch["labels"], "span", label_smoothing)
+
+    def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
+        """Loss in nats per target token of the best unigram model of the *target* stream: a fraction
+        noise/T of target tokens are corpus tokens (unigram-distributed), the other spans + 1 are the
+        sentinels 0..spans-1 and `</s>`, once each (T = noise + spans + 1). Its entropy is
+        (noise/T) (H(corpus) - log(noise/T)) + ((spans + 1)/T) log T."""
+        n, T = self.lengths(seq_len)
+        num_noise, _ = span_counts(n, self.noise_density, self.mean_span)
+        f = num_noise / T
+        loss = f * (_unigram_entropy(split, vocab) - math.log(f)) + (1 - f) * math.log(T)
+        return {"unigram_target_loss": loss}
+
+
+@dataclass(frozen=True)
+class PrefixLM:
+    """T5's prefix LM baseline: the encoder reads a random-length prefix of the window, the decoder
+    predicts the rest."""
+
+    name: ClassVar[str] = "prefix"
+    arch: ClassVar[Arch] = Arch(kind="encoder-decoder")
+    loss_terms: ClassVar[dict[str, str]] = {"prefix_loss": "labels"}
+    default_recipe: ClassVar[str] = "t5-tiny"
+
+    def positions_needed(self, seq_len: int) -> int:
+        """Encoder inputs are at most seq_len long (prefix + `</s>`); targets at most seq_len - 1."""
+        return seq_len
+
+    def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
+        """Windows of n = seq_len - 1 tokens split at k ~ U[1, n-1]: input_ids and attention_mask
+        (B, seq_len) = prefix + `</s>` then <pad>; labels (B, n) = rest + `</s>` then IGNORE_INDEX."""
+        n = seq_len - 1
+        if n < 2:
+            raise UserError(f"data.seq_len must be >= 3 for the prefix LM, got {seq_len}")
+        B = batch_size
+        w = stream_windows(split, B, n, gen)  # (B, n)
+        k = torch.randint(1, n, (B, 1), generator=gen)  # (B, 1): prefix length, uniform on [1, n-1]
+        w_eos = torch.cat([w, w.new_full((B, 1), vocab.eos)], dim=1)  # (B, n+1): the window then </s>
+        pos = torch.arange(seq_len)  # (seq_len,)
+        attention_mask = pos <= k  # (B, seq_len): prefix and its </s>
+        input_ids = torch.where(pos < k, w_eos, vocab.eos).masked_fill(~attention_mask, vocab.pad)
+        src = k + pos[:n]  # (B, n): window position each target slot copies; n is the </s>
+        labels = w_eos.gather(1, src.clamp(max=n)).masked_fill(src > n, IGNORE_INDEX)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask.long(),
+            "labels": labels,
+            "decoder_input_ids": shift_right(labels, vocab.pad, vocab.pad),
+        }
+
+    def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
+        """Summed cross-entropy over the real target tokens; the vocabulary projection runs only where
+        there is a target (half the decoder slots are padding on average)."""
+        labels = batch["labels"]
+        keep = labels != IGNORE_INDEX  # (B, T_tgt)
+        logits = model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=batch["decoder_input_ids"],
+            output_mask=keep,
+        ).logits  # (N, V), row-major over keep
+        return ce_terms(logits, labels[keep], "prefix", label_smoothing)
+
+    def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
+        """Loss in nats per target token of the best unigram model of the targets: corpus tokens plus one
+        `</s>` per sequence; with k ~ U[1, n-1] a target holds n/2 + 1 tokens on average."""
+        n = seq_len - 1
+        f = 1.0 / (n / 2 + 1)  # fraction of target tokens that are </s>
+        loss = (1 - f) * (_unigram_entropy(split, vocab) - math.log(1 - f)) - f * math.log(f)
+        return {"unigram_target_loss": loss}
