@@ -69,6 +69,11 @@ class Objective(Protocol):
         """Run the model as this objective needs; return (sum, count) per term (losses in nats)."""
         ...
 
+    # Optional:
+    # default_recipe: ClassVar[str]  -- the CPU-sized recipe `pretrain run --objective NAME` starts from
+    # def baseline(self, split, vocab, seq_len) -> dict[str, float]
+    #     -- a reference figure the run summary prints beside ours (e.g. a unigram model's loss)
+
 
 def hparams(objective: object) -> dict:
     """The objective's hyper-parameters as a plain dict (its dataclass fields)."""

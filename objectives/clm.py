@@ -64,7 +64,7 @@ class CausalLM:
         logits = model(batch["input_ids"]).logits  # (B, T, V)
         return ce_terms(logits, batch["labels"], "lm", label_smoothing)
 
-    def baseline(self, split: TokenSplit, vocab: Vocab) -> dict[str, float]:
+    def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Bits per byte of a unigram model fit and scored on `split` (the trainer passes the training split):
         the figure any language model must beat."""
         counts = np.bincount(np.asarray(split.tokens), minlength=vocab.size).astype(np.float64)

@@ -191,7 +191,7 @@ class MaskedLM:
             terms |= ce_terms(out.cls_logits, batch["next_sentence_label"], "nsp", label_smoothing)  # (B, 2)
         return terms
 
-    def baseline(self, split: TokenSplit, vocab: Vocab) -> dict[str, float]:
+    def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Masked-token accuracy of always predicting the most frequent maskable piece."""
         counts = np.bincount(np.asarray(split.tokens), minlength=vocab.size)[: vocab.size].astype(np.float64)
         counts[vocab.special] = 0
