@@ -262,6 +262,132 @@ def bench(
     bench_batches(objective or None, batch_size, seq_len, seconds, data, console)
 
 
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+@app.command()
+@_friendly
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pretrain run` (decoder or "
+                                            "encoder-decoder).")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The prompt; for span/denoise runs it may hold "
+                                               "<extra_id_N> or [MASK] to fill in. \"\" = unconditional.")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="A file of prompts, one per line (batched).")]
+    = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Most new tokens (default: 100; "
+                                                       "encoder-decoders: input length + 50).")] = None,
+    beam: Annotated[int, typer.Option("--beam", help="Beam search of this width, e.g. --beam 4 (1 = off).")] = 1,
+    length_penalty: Annotated[float, typer.Option("--length-penalty", help="Beam length penalty alpha in "
+                                                  "((5+len)/6)^alpha.")] = 0.6,
+    sample: Annotated[bool, typer.Option("--sample", help="Ancestral sampling instead of greedy decoding.")] = False,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (implies "
+                                                      "--sample; default 1).")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Sample among the K most likely tokens (implies "
+                                              "--sample).")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling (implies --sample): the smallest "
+                                                "set with probability >= P.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (same seed, same sample).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoded together.")] = 16,
+) -> None:
+    """Write text with a trained model: greedy by default, sampling, or beam search; KV-cached."""
+    import random
+
+    import torch
+
+    from pretrain.generate import DecodeOptions, TextStream, encode_prompts, generate_batch, load_run
+
+    if (prompt is None) == (prompts is None):
+        raise UserError("give exactly one of --prompt TEXT or --prompts FILE")
+    if prompts is not None and (not prompts.exists() or prompts.is_dir()):
+        raise UserError(f"--prompts {prompts} is not a file; give a text file with one prompt per line")
+    texts = [prompt] if prompt is not None else [ln for ln in prompts.read_text().splitlines() if ln.strip()]
+    if not texts:
+        raise UserError(f"{prompts} holds no prompt; write one per line")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    opts = DecodeOptions(max_new_tokens, beam, length_penalty, sample, temperature, top_k, top_p, seed)
+    r = load_run(run_dir)
+    encode_prompts(r, texts)  # refuse a bad run or prompt before printing anything
+    gen = None
+    if opts.sampling:
+        seed = seed if seed is not None else random.randrange(2**31)
+        gen = torch.Generator().manual_seed(seed)
+    notes: list[str] = []
+    seq2seq = r.kind == "encoder-decoder"
+    if len(texts) == 1 and opts.beam == 1:  # stream the one prompt's tokens as they come
+        def write(s: str) -> None:
+            console.print(s, end="", markup=False, highlight=False, soft_wrap=True)
+
+        if seq2seq:
+            _labelled("input", texts[0])
+            console.print("[bold]output:[/] ", end="")
+        else:
+            console.print(texts[0], end="", style="bold", markup=False, highlight=False, soft_wrap=True)
+        stream = TextStream(r.tokenizer, write, r.tokenizer.vocab.eos, markers=seq2seq)
+        results = generate_batch(r, texts, opts, gen, stream, notes)
+        console.print()
+        if results[0].filled is not None:
+            _labelled("filled", results[0].filled)
+    else:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+        results = [None] * len(texts)
+        for k in range(0, len(order), batch_size):
+            chunk = order[k:k + batch_size]
+            for i, g in zip(chunk, generate_batch(r, [texts[i] for i in chunk], opts, gen, None, notes), strict=True):
+                results[i] = g
+        for i, g in enumerate(results):
+            if len(texts) > 1:
+                console.rule(f"prompt {i + 1}", style="dim")
+            if seq2seq:
+                _labelled("input", g.prompt)
+                _labelled("output", g.text)
+                if g.filled is not None:
+                    _labelled("filled", g.filled)
+            else:
+                console.print(g.prompt, end="", style="bold", markup=False, highlight=False, soft_wrap=True)
+                console.print(g.text, markup=False, highlight=False, soft_wrap=True)
+    for note in dict.fromkeys(notes):
+        err_console.print(f"note: {note}")
+    if gen is not None:
+        err_console.print(f"note: sampled with --seed {seed}")
+
+
+def _labelled(label: str, text: str) -> None:
+    """Print `label: text` with the text verbatim (no markup, no wrapping inside the text)."""
+    console.print(f"[bold]{label}:[/] ", end="")
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("fill-mask")
+@_friendly
+def fill_mask(
+    run_dir: Annotated[Path, typer.Argument(help="A masked-LM run folder written by `pretrain run`.")],
+    text: Annotated[str, typer.Argument(help="Text with one or more [MASK] to predict.")],
+    top_k: Annotated[int, typer.Option("--top-k", help="Candidates shown per mask.")] = 5,
+) -> None:
+    """Predict each [MASK] of a text with a masked-LM run: a table of the top-k candidates."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from pretrain.generate import fill_mask as predict
+    from pretrain.generate import load_run, top1_text
+
+    if "[MASK]" not in text:
+        raise UserError("the text has no [MASK]; write [MASK] where a token should be predicted")
+    r = load_run(run_dir)
+    cands = predict(r, text, top_k)
+    t = Table(title=Text(f"fill-mask with {run_dir}"), title_justify="left")
+    for c, justify in (("mask", "right"), ("rank", "right"), ("piece", "left"), ("probability", "right")):
+        t.add_column(c, justify=justify)
+    for m, row in enumerate(cands, 1):
+        for rank, (i, p) in enumerate(row, 1):
+            t.add_row(str(m) if rank == 1 else "", str(rank), Text(r.tokenizer.id_to_piece(i)), f"{p:.4f}",
+                      end_section=rank == len(row))
+    console.print(t)
+    console.print("[bold]top-1:[/] ", end="")
+    console.print(top1_text(r, text, cands), markup=False, highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -53,7 +53,7 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip() == "[]"
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
-    for cmd in ("run", "eval", "prepare", "tokenizer", "objectives", "recipes", "bench"):
+    for cmd in ("run", "eval", "prepare", "tokenizer", "objectives", "recipes", "bench", "generate", "fill-mask"):
         assert cmd in res.output
 
 
