@@ -49,6 +49,17 @@ class Arch:
     classifier: int = 0  # > 0: a pooler (dense + tanh on the first token) and a classifier with this many classes
 
 
+@dataclass(frozen=True)
+class Framing:
+    """How the objective frames text for its model, so `pretrain generate`/`fill-mask` feed prompts the way
+    training did: encoder (or decoder-only) input = prefix + text + suffix; an encoder-decoder's decoder
+    starts with `decoder_start`."""
+
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+    decoder_start: int | None = None
+
+
 class Objective(Protocol):
     """What every objective provides. See objectives/clm.py for the smallest complete example."""
 
@@ -67,6 +78,10 @@ class Objective(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
         """Run the model as this objective needs; return (sum, count) per term (losses in nats)."""
+        ...
+
+    def framing(self, vocab: Vocab) -> Framing:
+        """The special tokens around a prompt, as in this objective's training batches."""
         ...
 
     # Optional:

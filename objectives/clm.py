@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from objectives.base import Arch, Batch, Terms, ce_terms
+from objectives.base import Arch, Batch, Framing, Terms, ce_terms
 from pretrain.data import TokenSplit
 from pretrain.tokenizer import Vocab
 
@@ -48,6 +48,10 @@ class CausalLM:
     def positions_needed(self, seq_len: int) -> int:
         """Inputs are seq_len tokens long."""
         return seq_len
+
+    def framing(self, vocab: Vocab) -> Framing:
+        """A prompt reads as the start of a document: it follows the `</s>` that ends the previous one."""
+        return Framing(prefix=(vocab.eos,))
 
     def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
         """batch_size windows of seq_len + 1 stream tokens at uniform random starts."""

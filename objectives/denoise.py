@@ -59,7 +59,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from objectives.base import IGNORE_INDEX, Arch, Batch, Terms, ce_terms, shift_right
+from objectives.base import IGNORE_INDEX, Arch, Batch, Framing, Terms, ce_terms, shift_right
 from pretrain.data import TokenSplit
 from pretrain.errors import UserError
 from pretrain.tokenizer import Vocab
@@ -203,6 +203,10 @@ class Denoising:
     arch: ClassVar[Arch] = Arch(kind="encoder-decoder")
     loss_terms: ClassVar[dict[str, str]] = {"denoise_loss": "labels"}
     default_recipe: ClassVar[str] = "bart-tiny"  # recipe used by `pretrain run --objective denoise` alone
+
+    def framing(self, vocab: Vocab) -> Framing:
+        """BART: encoder input `<s> text </s>`; the decoder starts with `</s>` (fairseq/HF convention)."""
+        return Framing((vocab.bos,), (vocab.eos,), vocab.eos)
 
     def __post_init__(self) -> None:
         for key in ("mask_ratio", "random_ratio", "permute_ratio", "delete_ratio", "token_mask_ratio",

@@ -61,7 +61,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-from objectives.base import IGNORE_INDEX, Arch, Batch, Terms, ce_terms
+from objectives.base import IGNORE_INDEX, Arch, Batch, Framing, Terms, ce_terms
 from objectives.clm import stream_windows
 from pretrain.data import TokenSplit
 from pretrain.errors import UserError
@@ -113,6 +113,10 @@ class MaskedLM:
         if self.nsp:
             terms["nsp_loss"] = "next_sentence_label"
         return terms
+
+    def framing(self, vocab: Vocab) -> Framing:
+        """`[CLS] text [SEP]` with NSP (segment A alone), `<s> text </s>` for RoBERTa packing."""
+        return Framing((vocab.cls,), (vocab.sep,)) if self.nsp else Framing((vocab.bos,), (vocab.eos,))
 
     def positions_needed(self, seq_len: int) -> int:
         """Sequences are seq_len tokens long, specials included."""

@@ -43,7 +43,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from objectives.base import IGNORE_INDEX, Arch, Batch, Terms, ce_terms, shift_right
+from objectives.base import IGNORE_INDEX, Arch, Batch, Framing, Terms, ce_terms, shift_right
 from pretrain.data import TokenSplit
 from pretrain.errors import UserError
 from pretrain.tokenizer import N_SENTINELS, Vocab
@@ -154,6 +154,10 @@ class SpanCorruption:
     loss_terms: ClassVar[dict[str, str]] = {"span_loss": "labels"}
     default_recipe: ClassVar[str] = "t5-tiny"
 
+    def framing(self, vocab: Vocab) -> Framing:
+        """T5: encoder input `text </s>`; the decoder starts with `<pad>`."""
+        return Framing((), (vocab.eos,), vocab.pad)
+
     def __post_init__(self) -> None:
         if not 0.0 < self.noise_density < 1.0:
             raise UserError(f"objective.noise_density must be in (0, 1), got {self.noise_density}")
@@ -224,6 +228,10 @@ class PrefixLM:
     arch: ClassVar[Arch] = Arch(kind="encoder-decoder")
     loss_terms: ClassVar[dict[str, str]] = {"prefix_loss": "labels"}
     default_recipe: ClassVar[str] = "t5-tiny"
+
+    def framing(self, vocab: Vocab) -> Framing:
+        """T5: encoder input `text </s>`; the decoder starts with `<pad>`."""
+        return Framing((), (vocab.eos,), vocab.pad)
 
     def positions_needed(self, seq_len: int) -> int:
         """Encoder inputs are at most seq_len long (prefix + `</s>`); targets at most seq_len - 1."""

@@ -1,12 +1,10 @@
 """What `pretrain generate` and `pretrain fill-mask` do: load a run, frame prompts as the model was trained,
 decode (`pretrain/decoding.py`), show the result.
 
-Prompt framing is read from the objective itself, not from its name: `framing()` draws one tiny batch from a
-synthetic split and looks at the special tokens around the encoder input (`[CLS] ... [SEP]`, `<s> ... </s>`,
-`... </s>`) and at the decoder's first input (T5 starts with `<pad>`, BART with `</s>`). An objective may
-state its start token instead with a `decoder_start` attribute (a Vocab attribute name such as "eos", or an
-id); when neither works the default is `<pad>` (T5's convention). Decoder-only prompts start with `</s>`, the
-document separator of the causal-LM stream, so the prompt reads as the start of a document.
+Prompt framing comes from the objective itself, never from its name: each objective's `framing(vocab)` says
+which special tokens surround the encoder input (`[CLS] ... [SEP]`, `<s> ... </s>`, `... </s>`) and which
+token starts the decoder (T5 `<pad>`, BART `</s>`). Decoder-only prompts start with `</s>`, the document
+separator of the causal-LM stream, so the prompt reads as the start of a document.
 
 Markers. The tokenizer's specials are control pieces that text never produces, so `encode_with_specials` splits
 the prompt on the literal markers `[MASK]` and `<extra_id_N>` and inserts their ids. Spaces right before a
@@ -26,20 +24,11 @@ from typing import Any
 
 import torch
 
+from objectives.base import Framing
 from pretrain.decoding import CachedStepper, Sampler, beam_search, generate
 from pretrain.errors import UserError
 
 MARKER = re.compile(r"\[MASK\]|<extra_id_(\d+)>")
-
-
-@dataclass(frozen=True)
-class Framing:
-    """Special tokens around a prompt, as the model was trained: encoder (or decoder-only) input =
-    prefix + text + suffix; an encoder-decoder's decoder starts with `decoder_start`."""
-
-    prefix: tuple[int, ...] = ()
-    suffix: tuple[int, ...] = ()
-    decoder_start: int | None = None
 
 
 @dataclass
@@ -59,52 +48,15 @@ class Run:
         return self.model.arch.kind
 
 
-def decoder_start_id(objective: Any, vocab: Any) -> int:
-    """The id an encoder-decoder objective starts its decoder with: its `decoder_start` attribute (a Vocab
-    attribute name, e.g. "eos", or an id) if it has one, else the first decoder input of a probe batch, else
-    `vocab.pad` (T5's convention)."""
-    start = getattr(objective, "decoder_start", None)
-    if isinstance(start, str):
-        return int(getattr(vocab, start))
-    if isinstance(start, int):
-        return start
-    probed = _probe(objective, vocab).decoder_start
-    return vocab.pad if probed is None else probed
-
-
 def framing(objective: Any, vocab: Any) -> Framing:
-    """The prompt framing of a run's objective (module docstring)."""
+    """The prompt framing of a run's objective (`Objective.framing`); an objective without that hook gets
+    `</s> text` for a decoder (a new document of the causal stream), bare text otherwise, and `<pad>` as the
+    decoder start (T5's convention)."""
+    if hasattr(objective, "framing"):
+        return objective.framing(vocab)
     if objective.arch.kind == "decoder":
         return Framing(prefix=(vocab.eos,))
-    probed = _probe(objective, vocab)
-    if objective.arch.kind == "encoder":
-        return Framing(probed.prefix, probed.suffix)
-    return Framing(probed.prefix, probed.suffix, decoder_start_id(objective, vocab))
-
-
-def _probe(objective: Any, vocab: Any) -> Framing:
-    """Read the framing off one small batch of the objective on a synthetic split: a first / last real
-    encoder token that is the same special in every row is framing; so is a common first decoder input."""
-    from objectives.base import make_generator
-    from pretrain.data import TokenSplit
-
-    ordinary = vocab.ordinary_ids[:24].tolist()
-    docs = [[[ordinary[(7 * d + 3 * s + j) % len(ordinary)] for j in range(6)] for s in range(4)] for d in range(6)]
-    try:
-        batch = objective.batch(TokenSplit.from_documents(docs), vocab, make_generator(0, "probe"), 4, 24)
-    except Exception:  # an objective that cannot draw from this split: keep the documented defaults
-        return Framing(suffix=(vocab.eos,))
-    ids = batch["input_ids"]  # (B, S)
-    mask = batch.get("attention_mask")
-    last = ids.gather(1, (mask.sum(1, keepdim=True) - 1)) if mask is not None else ids[:, -1:]  # (B, 1)
-    framers = {vocab.bos, vocab.eos, vocab.cls, vocab.sep}
-
-    def common(col: torch.Tensor) -> tuple[int, ...]:
-        return (int(col[0]),) if (col == col[0]).all() and int(col[0]) in framers else ()
-
-    dec = batch.get("decoder_input_ids")
-    start = int(dec[0, 0]) if dec is not None and (dec[:, 0] == dec[0, 0]).all() else None
-    return Framing(common(ids[:, 0]), common(last[:, 0]), start)
+    return Framing(decoder_start=vocab.pad if objective.arch.kind == "encoder-decoder" else None)
 
 
 def load_run(run_dir: Path, device: str | None = None) -> Run:

@@ -237,17 +237,10 @@ def test_framing_is_read_from_each_objective():
     assert framing(OBJECTIVES["denoise"](), v) == Framing((v.bos,), (v.eos,), v.eos)  # BART: decoder </s>
 
 
-def test_decoder_start_attribute_overrides_the_probe_and_options_pick_the_search():
-    from objectives import OBJECTIVES
+def test_options_pick_the_search():
     from pretrain.errors import UserError
-    from pretrain.generate import DecodeOptions, decoder_start_id
+    from pretrain.generate import DecodeOptions
 
-    v = Vocab.synthetic(400)
-
-    class Stated(OBJECTIVES["span"]):
-        decoder_start = "eos"
-
-    assert decoder_start_id(OBJECTIVES["span"](), v) == v.pad and decoder_start_id(Stated(), v) == v.eos
     assert not DecodeOptions().sampling and not DecodeOptions(beam=4).sampling
     for kw in ({"sample": True}, {"top_k": 5}, {"top_p": 0.9}, {"temperature": 0.7}):
         assert DecodeOptions(**kw).sampling, kw
