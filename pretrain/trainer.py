@@ -16,6 +16,7 @@ one bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -371,8 +372,9 @@ def _loop(cfg: Config, run_dir: Path, rt: Runtime, model: torch.nn.Module, fwd: 
                 if tc.patience and state["bad_evals"] >= tc.patience:
                     stop_reason = "plateau"
                     break
+            show = functools.partial(_show_micro, progress, task, step, tc.grad_accum)
             gnorm, step_tokens = _step(obj, fwd, model, opt, scaler, [next(batches) for _ in range(tc.grad_accum)],
-                                       rt, tc, meter)
+                                       rt, tc, meter, show)
             if not scaler.is_enabled() and not torch.isfinite(gnorm):
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped ({where}); lower train.lr, "
@@ -408,9 +410,15 @@ def _loop(cfg: Config, run_dir: Path, rt: Runtime, model: torch.nn.Module, fwd: 
     return out
 
 
+def _show_micro(progress: Progress, task: Any, step: int, accum: int, i: int) -> None:
+    progress.update(task, completed=step + i / accum)
+
+
 def _step(obj: Any, fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any,
-          micro: list[dict], rt: Runtime, tc: TrainConfig, meter: Meter) -> tuple[torch.Tensor, int]:
+          micro: list[dict], rt: Runtime, tc: TrainConfig, meter: Meter,
+          on_micro: Any = lambda i: None) -> tuple[torch.Tensor, int]:
     """One optimizer step over the step's micro-batches; returns the gradient norm and the input tokens.
+    `on_micro(i)` is called after micro-batch i (1-based), so long accumulations show progress.
 
     A non-finite gradient norm is returned, not stepped on (the caller stops the run); with fp16 the
     GradScaler skips such steps itself and lowers its scale."""
@@ -426,6 +434,7 @@ def _step(obj: Any, fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.opt
             scaler.scale(loss).backward()
         meter.add({k: (s.detach(), n) for k, (s, n) in terms.items()})
         tokens += input_tokens(mb) * rt.world
+        on_micro(i + 1)
     scaler.unscale_(opt)  # clip
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip if tc.clip > 0 else float("inf"))
     if scaler.is_enabled() or torch.isfinite(gnorm):

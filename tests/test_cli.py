@@ -200,3 +200,26 @@ def test_non_finite_loss_stops_with_the_step(corpus, tmp_path, monkeypatch):
                *sets(*TINY, "train.ckpt_every=2", "train.eval_every=0")], tmp_path / "cache")
     expect_error(res, "non-finite", "step 3", "step_0000002")
     assert [p.name for p in (r / "checkpoints").iterdir()] == ["step_0000002"]
+
+
+GOLDEN = Path(__file__).parent / "golden" / "clm_tiny_curve.json"
+
+
+def test_golden_loss_curve(corpus, tmp_path):
+    """DESIGN rule 9: a refactor keeps the tiny run's loss curve. Regenerate deliberately with
+    PRETRAIN_RECORD_GOLDEN=1 when a change is meant to alter training (and say why in the commit)."""
+    import os
+
+    r = tmp_path / "g"
+    res = run(["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "8", "--out", str(r),
+               *sets(*TINY, "train.eval_every=0", "model.dropout=0.1")], tmp_path / "cache")
+    assert res.exit_code == 0, res.output
+    curve = [[rec["step"], rec["lm_loss"]] for rec in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
+             if "split" not in rec]
+    if os.environ.get("PRETRAIN_RECORD_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(curve, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert [s for s, _ in curve] == [s for s, _ in golden]
+    for (step, got), (_, want) in zip(curve, golden, strict=True):
+        assert abs(got - want) < 1e-4, (step, got, want)
