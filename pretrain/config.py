@@ -38,6 +38,7 @@ class DataConfig:
     tokenizer: str = ""  # an existing sentencepiece .model to use; "" = train one on the corpus
     tokenizer_type: Literal["unigram", "bpe"] = "unigram"  # sentencepiece model type when training one
     vocab_size: int = 8000  # vocabulary size when training a tokenizer (specials and bytes included)
+    vocab_limit: Literal["hard", "soft"] = "hard"  # soft: a corpus too small for vocab_size gets the most it allows
     cache_dir: str = "data/cache"  # where tokenizers and token caches are kept, keyed by their inputs
 
     def __post_init__(self) -> None:

@@ -231,14 +231,14 @@ def _prepare(cfg: DataConfig, bars: _Bars, t0: float) -> Prepared:
         tok = Tokenizer.load(cfg.tokenizer)
     else:
         tkey = sha_json({"source": source.fingerprint, "vocab_size": cfg.vocab_size, "type": cfg.tokenizer_type,
-                     "seed": TOKENIZER_SEED, "format": FORMAT_VERSION})[:24]
+                     "seed": TOKENIZER_SEED, "format": FORMAT_VERSION, "limit": cfg.vocab_limit})[:24]
         tpath = root / "tokenizers" / f"{tkey}.model"
         if not tpath.is_file():
             _, sents = documents()
             t = time.perf_counter()
             task = bars.task("tokenizer", None)
             train_tokenizer((s for doc in sents for s in doc), tpath.with_suffix(""), cfg.vocab_size,
-                            cfg.tokenizer_type, seed=TOKENIZER_SEED)
+                            cfg.tokenizer_type, seed=TOKENIZER_SEED, soft_limit=cfg.vocab_limit == "soft")
             bars.finish(task)
             timings["tokenizer_seconds"] = time.perf_counter() - t
         tok = Tokenizer.load(tpath)
@@ -293,7 +293,8 @@ def _stats(cache: TokenCache, reused: bool, seconds: float) -> dict:
     totals = {k: sum(sp[s][k] for s in SPLITS) for k in ("documents", "sentences", "tokens", "bytes")}
     return {**totals, **{s: dict(sp[s]) for s in SPLITS}, **meta["build"], "replaced_bytes": meta["replaced_bytes"],
             "reused": reused, "seconds": seconds, "source": meta["source"]["description"], "path": str(cache.path),
-            "tokenizer_path": meta["tokenizer"]["path"], "dtype": meta["dtype"]}
+            "tokenizer_path": meta["tokenizer"]["path"], "vocab_size": meta["tokenizer"]["size"],
+            "dtype": meta["dtype"]}
 
 
 def _remove_stale_tmp(root: Path) -> None:

@@ -138,28 +138,33 @@ def _trainer_options(vocab_size: int, model_type: str, character_coverage: float
 
 def train_tokenizer(texts: Iterable[str], out_prefix: Path | str, vocab_size: int,
                     model_type: Literal["unigram", "bpe"] = "unigram", *, seed: int = 1234,
-                    character_coverage: float = CHARACTER_COVERAGE) -> Path:
+                    character_coverage: float = CHARACTER_COVERAGE, soft_limit: bool = False) -> Path:
     """Train a sentencepiece model on `texts` (one sentence or document each) and write `<out_prefix>.model`
     (and a human-readable `<out_prefix>.vocab`: JSON-escaped piece, tab, score per line). Returns the .model path.
 
     Deterministic: same texts, size, type and seed give the same bytes (the thread count is fixed). The
     .model file is written last with an atomic rename, so a present .model file is always complete.
     Raises UserError when the corpus cannot support `vocab_size` (too few distinct pieces, or fewer slots
-    than the specials + bytes + required characters need).
+    than the specials + bytes + required characters need). With `soft_limit`, a corpus too small for
+    `vocab_size` gets the largest vocabulary it supports instead (the caller reports the size it got).
     """
     import sentencepiece as spm
 
     if model_type not in ("unigram", "bpe"):
         raise UserError(f"tokenizer type must be 'unigram' or 'bpe', got {model_type!r}")
     out_prefix = Path(out_prefix)
-    texts = (t for t in texts if t)  # the trainer chokes on empty strings; they carry nothing anyway
+    texts = [t for t in texts if t]  # the trainer chokes on empty strings; they carry nothing anyway
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=texts, model_writer=model,
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model,
                                        **_trainer_options(vocab_size, model_type, character_coverage))
     except RuntimeError as e:
-        raise _training_error(str(e), vocab_size) from None
+        most = re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", str(e))
+        if not (soft_limit and most and int(most[2]) >= MIN_VOCAB_SIZE):
+            raise _training_error(str(e), vocab_size) from None
+        return train_tokenizer(texts, out_prefix, int(most[2]), model_type, seed=seed,
+                               character_coverage=character_coverage)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(_processor(model.getvalue()), model.getvalue(), out_prefix.with_suffix(".model"))
     vocab_lines = "".join(f"{json.dumps(tok.id_to_piece(i), ensure_ascii=False)[1:-1]}\t{tok.sp.get_score(i):.6g}\n"

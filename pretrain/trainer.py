@@ -326,11 +326,17 @@ def _restore(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, 
     return saved
 
 
-def _save(run_dir: Path, cfg: Config, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any,
-          state: dict) -> Path:
-    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+def _rng_state() -> dict[str, torch.Tensor]:
+    """The global RNG states (they drive dropout), as checkpoint tensors."""
+    out = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _save(run_dir: Path, cfg: Config, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any,
+          state: dict, rng: dict[str, torch.Tensor] | None = None) -> Path:
+    tensors = dict(rng or _rng_state())
     full = {**state, "optimizer": ckpt.optimizer_state(opt, tensors),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None}
     return ckpt.save(run_dir, state["step"], model, tensors, full, cfg.train.keep_last)
@@ -373,8 +379,14 @@ def _loop(cfg: Config, run_dir: Path, rt: Runtime, model: torch.nn.Module, fwd: 
                     stop_reason = "plateau"
                     break
             show = functools.partial(_show_micro, progress, task, step, tc.grad_accum)
-            gnorm, step_tokens = _step(obj, fwd, model, opt, scaler, [next(batches) for _ in range(tc.grad_accum)],
-                                       rt, tc, meter, show)
+            rng = _rng_state()
+            try:
+                gnorm, step_tokens = _step(obj, fwd, model, opt, scaler,
+                                           [next(batches) for _ in range(tc.grad_accum)], rt, tc, meter, show)
+            except KeyboardInterrupt:  # checkpoint the steps done (with the RNG as the step began): exact resume
+                if rt.main and state["step"] > start:
+                    _save(run_dir, cfg, model, opt, scaler, state, rng)
+                raise
             if not scaler.is_enabled() and not torch.isfinite(gnorm):
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped ({where}); lower train.lr, "

@@ -110,6 +110,14 @@ def test_vocab_too_large_for_the_corpus(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_soft_vocab_limit_takes_the_largest_the_corpus_supports(tmp_path):
+    with pytest.raises(UserError) as e:
+        train_tokenizer(make_texts(20), tmp_path / "hard", 5000, "unigram")
+    most = int(e.value.args[0].rsplit("=", 1)[1])
+    path = train_tokenizer(make_texts(20), tmp_path / "soft", 5000, "unigram", soft_limit=True)
+    assert Tokenizer.load(path).size == most < 5000
+
+
 def test_vocab_too_small_for_the_characters(tmp_path):
     many_chars = ["".join(chr(0x4E00 + i) for i in range(k, k + 50)) for k in range(0, 1000, 50)]
     with pytest.raises(UserError, match=r"vocabulary size 400 is too small.*--set data.vocab_size=\d+"):

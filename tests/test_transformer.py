@@ -182,7 +182,9 @@ def test_tied_output_scale_is_t5s_d_model_rescale():
 
 
 def test_gpt2_small_has_124m_parameters():
-    cfg = ModelConfig(n_layers=12, n_heads=12, d_model=768, d_ff=3072, max_len=1024, activation="gelu_tanh")
+    from pretrain.config import resolve
+
+    cfg = resolve(recipe="gpt2")[0].model  # the recipe's model, with GPT-2's 50257-token vocabulary
     with torch.device("meta"):
         model = Transformer(cfg, Arch("decoder"), 50257)
     assert abs(model.num_params() - 124_439_808) <= 0.005 * 124_439_808
