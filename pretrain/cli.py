@@ -254,13 +254,22 @@ def bench(
                                                         "all).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
-    seconds: Annotated[float, typer.Option("--seconds", help="Time spent per objective.")] = 2.0,
+    seconds: Annotated[float, typer.Option("--seconds", help="Seconds timing ours, and again the peer, per "
+                                           "objective.")] = 2.0,
+    generate: Annotated[bool, typer.Option("--generate/--no-generate", help="Also time generation with the KV "
+                                           "cache against recomputation (256 new tokens).")] = True,
     data: DataOpt = None,
 ) -> None:
-    """Batch-construction throughput of each objective on one thread (input tokens/s)."""
-    from pretrain.bench import bench_batches
+    """Our throughput beside the reference peer's, one thread: batch construction per objective (vs BERT, T5,
+    fairseq, nanoGPT per-example code) and KV-cached generation (vs recomputing every step)."""
+    from pretrain.bench import bench_batches, bench_generate
 
+    if batch_size < 1 or seq_len < 8 or seconds <= 0:
+        raise UserError(f"need --batch-size >= 1, --seq-len >= 8 and --seconds > 0; got {batch_size}, {seq_len}, "
+                        f"{seconds}")
     bench_batches(objective or None, batch_size, seq_len, seconds, data, console)
+    if generate:
+        bench_generate(console)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
