@@ -85,6 +85,10 @@ def run(
     seed: SeedOpt = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Stop after N input tokens.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32 | bf16 | fp16 (train.precision).")]
+    = None,
+    compile_model: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model "
+                                                       "(train.compile).")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder from its "
                                                 "newest checkpoint.")] = None,
 ) -> None:
@@ -95,7 +99,7 @@ def run(
     from pretrain.trainer import train
 
     if resume is not None:
-        if objective or recipe or data or sets or seed is not None or out:
+        if objective or recipe or data or sets or seed is not None or out or precision or compile_model is not None:
             raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens may change")
         if not (resume / "config.json").is_file():
             raise UserError(f"{resume} is not a run folder (no config.json); give the folder `pretrain run` wrote")
@@ -107,8 +111,9 @@ def run(
                 raw["train"][key] = val
         cfg, sources, run_dir = config_from_dict(raw), [], resume
     else:
-        cfg, sources = _resolve(recipe, objective, data, seed, sets, **{"train.max_steps": max_steps,
-                                                                        "train.max_tokens": max_tokens})
+        cfg, sources = _resolve(recipe, objective, data, seed, sets, **{
+            "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.precision": precision,
+            "train.compile": compile_model})
         run_dir = out or Path("runs") / f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         _print_config(cfg, sources)
     summary = train(cfg, run_dir, resume=resume is not None, console=console, sources=sources)

@@ -1,6 +1,7 @@
 """End-to-end CLI: run, resume, eval, listings, and the one-line errors with exit code 2."""
 
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -223,3 +224,16 @@ def test_golden_loss_curve(corpus, tmp_path):
     assert [s for s, _ in curve] == [s for s, _ in golden]
     for (step, got), (_, want) in zip(curve, golden, strict=True):
         assert abs(got - want) < 1e-4, (step, got, want)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_learn(corpus, tmp_path, precision):
+    """bf16 autocast and fp16 autocast with a GradScaler both train (the named flag reaches the config)."""
+    r = tmp_path / precision
+    res = run(["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "20", "--out", str(r),
+               "--precision", precision, *sets(*TINY, "train.lr=3e-3", "train.eval_every=0")], tmp_path / "cache")
+    assert res.exit_code == 0, res.output
+    assert json.loads((r / "config.json").read_text())["train"]["precision"] == precision
+    losses = [rec["lm_loss"] for rec in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
+              if "split" not in rec]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.5, losses
