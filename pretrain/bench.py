@@ -1,7 +1,7 @@
 """Benchmarks, each beside the peer it is compared to, in one run (`pretrain bench`).
 
 1. Batch construction: every objective's vectorized `batch` and its per-example reference peer
-   (`pretrain/peers.py`: BERT, T5, fairseq, nanoGPT) draw batches of the same shape from the same token
+   (`objectives/peers.py`: BERT, T5, fairseq, nanoGPT) draw batches of the same shape from the same token
    cache (the built-in corpus by default) with the same vocabulary, on one thread. Throughput counts the
    nominal batch, batch_size x seq_len tokens (padding included, identical for both sides, so a denoising
    batch counts 64 x 512 however its source was padded); span corruption also reports its raw windows,
@@ -21,7 +21,6 @@ from typing import Any
 
 from rich.console import Console
 
-TARGETS = {"mlm": 5e6, "span": 10e6, "denoise": 5e6}  # tokens/s on one thread, from issues 4, 5 and 6
 GENERATE_TARGET = 5.0  # cached / recomputed speed-up at 256 new tokens (issue 7)
 
 
@@ -54,7 +53,7 @@ def time_batches(objective: Any, split: Any, vocab: Any, batch_size: int, seq_le
 
 
 def time_peer(peer: Callable, split: Any, vocab: Any, batch_size: int, seq_len: int, seconds: float) -> dict:
-    """Mean and best seconds per peer batch (peer(split, vocab, rng, B, T), see pretrain/peers.py)."""
+    """Mean and best seconds per peer batch (peer(split, vocab, rng, B, T), see objectives/peers.py)."""
     import numpy as np
 
     return time_fn(lambda i: peer(split, vocab, np.random.default_rng(i + 1), batch_size, seq_len), seconds)
@@ -83,8 +82,8 @@ def bench_batches(names: list[str] | None, batch_size: int, seq_len: int, second
     import torch
 
     from objectives import OBJECTIVES
+    from objectives.peers import PEERS, TARGETS
     from pretrain.config import DataConfig, objective_class
-    from pretrain.peers import PEERS
 
     if split is None or vocab is None:
         from pretrain.data import prepare
@@ -101,8 +100,9 @@ def bench_batches(names: list[str] | None, batch_size: int, seq_len: int, second
             peer_fn, peer_name = PEERS.get(name, (None, "—")) if peers else (None, "—")
             peer = time_peer(peer_fn, split, vocab, batch_size, seq_len, seconds) if peer_fn else None
             counts = [(name, batch_size * seq_len)]
-            if name == "span":  # the raw windows the corruption starts from (568 tokens at seq_len 512)
-                counts.append((f"span, raw {obj.lengths(seq_len)[0]}", batch_size * obj.lengths(seq_len)[0]))
+            if hasattr(obj, "lengths"):  # it corrupts raw windows longer than its inputs (T5: 568 for 512)
+                raw = obj.lengths(seq_len)[0]
+                counts.append((f"{name}, raw {raw}", batch_size * raw))
             for label, n_tok in counts:
                 target = TARGETS.get(name)
                 ours_tps = n_tok / ours["mean_s"]

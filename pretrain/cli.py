@@ -93,23 +93,21 @@ def run(
                                                 "newest checkpoint.")] = None,
 ) -> None:
     """Train a model (tokenizer and token cache are made on the fly); `make run` runs the default."""
+    import dataclasses
+
     from pretrain import checkpoint
-    from pretrain.config import config_from_dict
+    from pretrain.config import load_run_config
     from pretrain.metrics import table
     from pretrain.trainer import train
 
     if resume is not None:
         if objective or recipe or data or sets or seed is not None or out or precision or compile_model is not None:
             raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens may change")
-        if not (resume / "config.json").is_file():
-            raise UserError(f"{resume} is not a run folder (no config.json); give the folder `pretrain run` wrote")
+        cfg = load_run_config(resume)
         checkpoint.latest(resume)  # fail fast when there is nothing to resume
-        raw = json.loads((resume / "config.json").read_text())
-        raw.pop("sources", None)
-        for key, val in (("max_steps", max_steps), ("max_tokens", max_tokens)):
-            if val is not None:
-                raw["train"][key] = val
-        cfg, sources, run_dir = config_from_dict(raw), [], resume
+        budget = {k: v for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens)) if v is not None}
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **budget))
+        sources, run_dir = [], resume
     else:
         cfg, sources = _resolve(recipe, objective, data, seed, sets, **{
             "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.precision": precision,
@@ -134,19 +132,15 @@ def eval_(
     import torch
 
     from pretrain import checkpoint
-    from pretrain.config import config_from_dict
+    from pretrain.config import load_run_config
     from pretrain.data import prepare
     from pretrain.metrics import table
     from pretrain.trainer import build_model, evaluate, setup_runtime
 
     if split not in ("valid", "train"):
         raise UserError(f"--split must be 'valid' or 'train', got '{split}'")
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.json); give the folder `pretrain run` wrote")
+    cfg = load_run_config(run_dir)
     path = checkpoint.latest(run_dir)
-    raw = json.loads((run_dir / "config.json").read_text())
-    raw.pop("sources", None)
-    cfg = config_from_dict(raw)
     data_cfg = dataclasses.replace(cfg.data, tokenizer=str(run_dir / "tokenizer.model"),
                                    **({"source": data} if data is not None else {}))
     cfg = dataclasses.replace(cfg, data=data_cfg)

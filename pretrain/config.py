@@ -253,6 +253,16 @@ def config_from_dict(raw: dict, recipe: str = "") -> Config:
     return Config(objective=objective, recipe=recipe, **sections)
 
 
+def load_run_config(run_dir: Path) -> Config:
+    """The config a run was trained with (RUN/config.json); a UserError when the folder is not a run."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.json); give the folder `pretrain run` wrote")
+    raw = json.loads(path.read_text())
+    raw.pop("sources", None)
+    return config_from_dict(raw)
+
+
 # ---------------------------------------------------------------------------------------------- recipes
 
 

@@ -16,7 +16,6 @@ the whole reconstructed text.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,17 +61,13 @@ def framing(objective: Any, vocab: Any) -> Framing:
 def load_run(run_dir: Path, device: str | None = None) -> Run:
     """Load a run folder's config, tokenizer and newest checkpoint; UserError when any is missing."""
     from pretrain import checkpoint
-    from pretrain.config import config_from_dict
+    from pretrain.config import load_run_config
     from pretrain.tokenizer import Tokenizer
     from pretrain.trainer import build_model
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.json); give the folder `pretrain run` wrote")
+    cfg = load_run_config(run_dir)
     path = checkpoint.latest(run_dir)
-    raw = json.loads((run_dir / "config.json").read_text())
-    raw.pop("sources", None)
-    cfg = config_from_dict(raw)
     tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(cfg, tokenizer.size)

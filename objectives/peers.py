@@ -300,3 +300,5 @@ PEERS = {  # objective name -> (peer function, what it mirrors)
     "span": (peer_span_batch, "T5 preprocessors, per example"),
     "denoise": (peer_denoise_batch, "fairseq DenoisingDataset"),
 }
+
+TARGETS = {"mlm": 5e6, "span": 10e6, "denoise": 5e6}  # batch-construction tokens/s on one thread (issues 4, 5, 6)
