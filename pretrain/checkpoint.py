@@ -137,3 +137,45 @@ def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint file {path} is corrupted or unreadable ({str(e).splitlines()[0]}); "
                         "delete that checkpoint folder to fall back to an older one") from None
+
+
+def restore_training(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any,
+                     fingerprint: dict) -> dict:
+    """Load the newest checkpoint of `run_dir` into model/optimizer/grad scaler/RNG; returns its saved state.
+    A checkpoint whose architecture fingerprint differs from `fingerprint` is a UserError."""
+    path = latest(run_dir)
+    saved = read_state(path)
+    if saved.get("fingerprint") != fingerprint:
+        raise UserError(f"checkpoint {path} was saved by a model of another architecture than {run_dir}/config.json "
+                        "describes; resume it with its own run folder")
+    load_weights(path, model)
+    tensors = load_tensors(path)
+    try:
+        load_optimizer_state(opt, saved["optimizer"], tensors)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path} has an optimizer state that does not fit this run ({e}); "
+                        "resume it with its own run folder") from None
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available() and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    return saved
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The global RNG states (they drive dropout), as checkpoint tensors."""
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def save_training(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any, state: dict,
+                  keep_last: int, rng: dict[str, torch.Tensor] | None = None) -> Path:
+    """Checkpoint a training run at `state["step"]`: weights, optimizer, grad scaler and the RNG states
+    (`rng`, default the current ones; the trainer passes those of the step's start on an interrupt)."""
+    tensors = dict(rng or rng_state())
+    full = {**state, "optimizer": optimizer_state(opt, tensors),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+    return save(run_dir, state["step"], model, tensors, full, keep_last)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,25 @@ def table(title: str, rows: dict[str, Any] | list[tuple], columns: tuple[str, ..
     for row in items:
         t.add_row(*(fmt(v) for v in row))
     return t
+
+
+def measure_peak_flops(device: Any, dtype: Any) -> float:
+    """This machine's dense matmul throughput (FLOP/s) in the run's precision, measured in ~0.3 s: the
+    denominator of the model FLOPs utilization (MFU) the trainer reports."""
+    import torch
+
+    n = 1024 if device.type == "cpu" else 4096
+    dt = dtype or torch.float32
+    g = torch.Generator(device).manual_seed(0)  # own generator: the global RNG drives dropout and must stay put
+    a, b = (torch.randn(n, n, device=device, dtype=dt, generator=g) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if time.perf_counter() - t0 > 0.3:
+            break
+    return 2 * n**3 * reps / (time.perf_counter() - t0)

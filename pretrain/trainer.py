@@ -33,7 +33,7 @@ from objectives.base import IGNORE_INDEX, make_generator
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config, TrainConfig
 from pretrain.errors import UserError
-from pretrain.metrics import JsonlLog, Meter
+from pretrain.metrics import JsonlLog, Meter, measure_peak_flops
 
 EVAL_SEED = 20240101  # fixed: every run evaluates on the same validation batches, whatever its train seed
 
@@ -144,25 +144,6 @@ def lr_factor(step: int, tcfg: TrainConfig, horizon: int) -> float:
     if tcfg.schedule == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
     return floor + (1 - floor) * (1 - p)  # linear
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
-    """This machine's dense matmul throughput (FLOP/s) in the run's precision, measured in ~0.3 s."""
-    n = 1024 if device.type == "cpu" else 4096
-    dt = dtype or torch.float32
-    g = torch.Generator(device).manual_seed(0)  # own generator: the global RNG drives dropout and must stay put
-    a, b = (torch.randn(n, n, device=device, dtype=dt, generator=g) for _ in range(2))
-    for _ in range(2):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if time.perf_counter() - t0 > 0.3:
-            break
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -284,7 +265,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console 
     state = {"step": 0, "tokens": 0, "best_val": float("inf"), "bad_evals": 0, "elapsed": 0.0,
              "fingerprint": _fingerprint(cfg, vocab.size)}
     if resume:
-        state = _restore(run_dir, model, opt, scaler, state)
+        state = ckpt.restore_training(run_dir, model, opt, scaler, state["fingerprint"])
     elif rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "sources": sources or []}, indent=2))
@@ -302,44 +283,6 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console 
     if rt.world > 1:
         dist.destroy_process_group()
     return summary
-
-
-def _restore(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any, state: dict) -> dict:
-    """Load the newest checkpoint of `run_dir` into model/optimizer/scaler/RNG; returns the saved state."""
-    path = ckpt.latest(run_dir)
-    saved = ckpt.read_state(path)
-    if saved.get("fingerprint") != state["fingerprint"]:
-        raise UserError(f"checkpoint {path} was saved by a model of another architecture than {run_dir}/config.json "
-                        "describes; resume it with its own run folder")
-    ckpt.load_weights(path, model)
-    tensors = ckpt.load_tensors(path)
-    try:
-        ckpt.load_optimizer_state(opt, saved["optimizer"], tensors)
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"checkpoint {path} has an optimizer state that does not fit this run ({e}); "
-                        "resume it with its own run folder") from None
-    torch.set_rng_state(tensors["rng.cpu"])
-    if torch.cuda.is_available() and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    if saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
-    return saved
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    """The global RNG states (they drive dropout), as checkpoint tensors."""
-    out = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["rng.cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def _save(run_dir: Path, cfg: Config, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any,
-          state: dict, rng: dict[str, torch.Tensor] | None = None) -> Path:
-    tensors = dict(rng or _rng_state())
-    full = {**state, "optimizer": ckpt.optimizer_state(opt, tensors),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-    return ckpt.save(run_dir, state["step"], model, tensors, full, cfg.train.keep_last)
 
 
 def _loop(cfg: Config, run_dir: Path, rt: Runtime, model: torch.nn.Module, fwd: torch.nn.Module,
@@ -379,13 +322,13 @@ def _loop(cfg: Config, run_dir: Path, rt: Runtime, model: torch.nn.Module, fwd: 
                     stop_reason = "plateau"
                     break
             show = functools.partial(_show_micro, progress, task, step, tc.grad_accum)
-            rng = _rng_state()
+            rng = ckpt.rng_state()
             try:
                 gnorm, step_tokens = _step(obj, fwd, model, opt, scaler,
                                            [next(batches) for _ in range(tc.grad_accum)], rt, tc, meter, show)
             except KeyboardInterrupt:  # checkpoint the steps done (with the RNG as the step began): exact resume
                 if rt.main and state["step"] > start:
-                    _save(run_dir, cfg, model, opt, scaler, state, rng)
+                    ckpt.save_training(run_dir, model, opt, scaler, state, tc.keep_last, rng)
                 raise
             if not scaler.is_enabled() and not torch.isfinite(gnorm):
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
@@ -408,11 +351,11 @@ def _loop(cfg: Config, run_dir: Path, rt: Runtime, model: torch.nn.Module, fwd: 
                 meter, interval_t, interval_tok = Meter(), time.perf_counter(), 0
             state["elapsed"] = time.perf_counter() - t_start
             if tc.ckpt_every and state["step"] % tc.ckpt_every == 0 and rt.main:  # maybe checkpoint
-                last_ckpt = _save(run_dir, cfg, model, opt, scaler, state)
+                last_ckpt = ckpt.save_training(run_dir, model, opt, scaler, state, tc.keep_last)
         last_eval = _eval_and_log(model, cfg, valid_split, vocab, rt, state, log, console, progress)
     state["elapsed"] = time.perf_counter() - t_start
     if rt.main and (last_ckpt is None or not last_ckpt.name.endswith(f"{state['step']:07d}")):
-        last_ckpt = _save(run_dir, cfg, model, opt, scaler, state)
+        last_ckpt = ckpt.save_training(run_dir, model, opt, scaler, state, tc.keep_last)
     recs = [r for r in _read_train_records(run_dir) if "tokens_per_s" in r] if rt.main else []
     out = {"steps": state["step"], "tokens": state["tokens"], "seconds": state["elapsed"], "stopped_by": stop_reason,
            "train_loss": (recs[-1] if recs else {}).get(next(iter(obj.loss_terms)), float("nan")),
