@@ -237,3 +237,39 @@ def test_mixed_precision_runs_learn(corpus, tmp_path, precision):
     losses = [rec["lm_loss"] for rec in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
               if "split" not in rec]
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_interrupt_checkpoints_finished_steps_and_resume_is_exact(corpus, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of step 5 saves steps 1-4 (with the RNG of step 5's start); resuming then gives the
+    uninterrupted run's losses and weights bit for bit, dropout included."""
+    from objectives.clm import CausalLM
+
+    cache = tmp_path / "cache"
+    args = ["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "8",
+            *sets(*TINY, "train.grad_accum=2", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=100",
+                  "model.dropout=0.1")]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run([*args, "--out", str(full)], cache).exit_code == 0
+    calls = {"n": 0}
+    original = CausalLM.loss
+
+    def interrupted(self, model, batch, label_smoothing=0.0):
+        calls["n"] += 1
+        if calls["n"] == 10:  # step 5, second micro-batch
+            raise KeyboardInterrupt
+        return original(self, model, batch, label_smoothing)
+
+    monkeypatch.setattr(CausalLM, "loss", interrupted)
+    res = run([*args, "--out", str(cut)], cache)
+    assert res.exit_code == 130 and "--resume" in res.output
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step_0000004"]
+    monkeypatch.setattr(CausalLM, "loss", original)
+    assert runner.invoke(app, ["run", "--resume", str(cut)]).exit_code == 0
+
+    def losses(p):
+        return [(r["step"], r["lm_loss"]) for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())
+                if "split" not in r]
+
+    assert losses(full) == losses(cut) and len(losses(full)) == 8
+    name = "checkpoints/step_0000008/model.safetensors"
+    assert (full / name).read_bytes() == (cut / name).read_bytes()
