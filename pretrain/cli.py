@@ -62,6 +62,11 @@ def _resolve(recipe: str | None, objective: str | None, data: str | None, seed: 
     return resolve(recipe=recipe, objective=objective, flags=named, sets=sets or [])
 
 
+def _is_main_rank() -> bool:
+    """Under torchrun only rank 0 prints (and writes); a plain run is rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _print_config(cfg: Any, sources: list) -> None:
     from pretrain.metrics import table
 
@@ -113,9 +118,11 @@ def run(
             "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.precision": precision,
             "train.compile": compile_model})
         run_dir = out or Path("runs") / f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        _print_config(cfg, sources)
+        if _is_main_rank():
+            _print_config(cfg, sources)
     summary = train(cfg, run_dir, resume=resume is not None, console=console, sources=sources)
-    console.print(table(f"run summary ({cfg.objective.name})", summary))
+    if _is_main_rank():
+        console.print(table(f"run summary ({cfg.objective.name})", summary))
 
 
 @app.command("eval")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -273,3 +274,20 @@ def test_interrupt_checkpoints_finished_steps_and_resume_is_exact(corpus, tmp_pa
     assert losses(full) == losses(cut) and len(losses(full)) == 8
     name = "checkpoints/step_0000008/model.safetensors"
     assert (full / name).read_bytes() == (cut / name).read_bytes()
+
+
+def test_torchrun_two_processes(corpus, tmp_path):
+    """Two CPU processes under torchrun (gloo): DDP trains, rank 0 alone writes the run folder and prints."""
+    r = tmp_path / "ddp"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "pretrain.cli", "run",
+           "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "4", "--out", str(r),
+           *sets(*TINY, f"data.cache_dir={tmp_path / 'cache'}", "train.eval_every=2", "train.ckpt_every=2")]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("run summary") == 1
+    recs = [json.loads(ln) for ln in (r / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs if "split" not in x] == [2, 4]  # one writer
+    assert [p.name for p in sorted((r / "checkpoints").iterdir())] == ["step_0000002", "step_0000004"]
+    summary = json.loads((r / "summary.json").read_text())
+    assert summary["tokens"] == 2 * 4 * 8 * 32  # both ranks' tokens are counted
