@@ -47,8 +47,7 @@ def _friendly(fn):
             err_console.print(f"[bold red]error:[/] {e}", markup=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted: the run folder holds a checkpoint of the last finished step; "
-                              "continue with --resume")
+            err_console.print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper

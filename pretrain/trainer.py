@@ -328,7 +328,10 @@ def _loop(cfg: Config, run_dir: Path, rt: Runtime, model: torch.nn.Module, fwd: 
                                            [next(batches) for _ in range(tc.grad_accum)], rt, tc, meter, show)
             except KeyboardInterrupt:  # checkpoint the steps done (with the RNG as the step began): exact resume
                 if rt.main and state["step"] > start:
-                    ckpt.save_training(run_dir, model, opt, scaler, state, tc.keep_last, rng)
+                    last_ckpt = ckpt.save_training(run_dir, model, opt, scaler, state, tc.keep_last, rng)
+                if rt.main:
+                    console.print(f"saved {last_ckpt}; continue with --resume {run_dir}" if last_ckpt else
+                                  "no step finished since the start, so there is nothing new to resume from")
                 raise
             if not scaler.is_enabled() and not torch.isfinite(gnorm):
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"

@@ -262,7 +262,7 @@ def test_interrupt_checkpoints_finished_steps_and_resume_is_exact(corpus, tmp_pa
 
     monkeypatch.setattr(CausalLM, "loss", interrupted)
     res = run([*args, "--out", str(cut)], cache)
-    assert res.exit_code == 130 and "--resume" in res.output
+    assert res.exit_code == 130 and f"step_0000004; continue with --resume {cut}" in res.output.replace("\n", "")
     assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step_0000004"]
     monkeypatch.setattr(CausalLM, "loss", original)
     assert runner.invoke(app, ["run", "--resume", str(cut)]).exit_code == 0
