@@ -37,13 +37,7 @@ from pretrain.tokenizer import MASK, SENTINEL0, Tokenizer, Vocab
 V = 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and least disturbed by a loaded machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def tiny(kind: str, positions: str = "learned", seed: int = 0) -> Transformer:

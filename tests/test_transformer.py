@@ -19,13 +19,7 @@ KINDS = ["decoder", "encoder", "encoder-decoder"]
 TINY = ModelConfig(n_layers=2, n_heads=4, d_model=32, d_ff=64, max_len=40, rel_buckets=8, rel_max_distance=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def make(kind: str = "decoder", seed: int = 0, arch: Arch | None = None, **overrides) -> Transformer:
