@@ -21,12 +21,7 @@ from pretrain.tokenizer import N_SPECIAL, Vocab
 B, T = 16, 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the benchmark measures one thread
 
 
 @pytest.fixture(scope="module")
