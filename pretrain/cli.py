@@ -303,6 +303,8 @@ def generate(
                                                 "set with probability >= P.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (same seed, same sample).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoded together.")] = 16,
+    min_new_tokens: Annotated[int, typer.Option("--min-new-tokens", help="No </s> before this many new tokens "
+                                                "(keeps beam search from ending at once on a weak model).")] = 0,
 ) -> None:
     """Write text with a trained model: greedy by default, sampling, or beam search; KV-cached."""
     import random
@@ -320,7 +322,7 @@ def generate(
         raise UserError(f"{prompts} holds no prompt; write one per line")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    opts = DecodeOptions(max_new_tokens, beam, length_penalty, sample, temperature, top_k, top_p, seed)
+    opts = DecodeOptions(max_new_tokens, beam, length_penalty, sample, temperature, top_k, top_p, seed, min_new_tokens)
     r = load_run(run_dir)
     encode_prompts(r, texts)  # refuse a bad run or prompt before printing anything
     gen = None

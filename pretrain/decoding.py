@@ -42,6 +42,30 @@ class Stepper(Protocol):
         ...
 
 
+class MinLength:
+    """Wrap a stepper so `eos` cannot be chosen for the first `n` new tokens: beam search on a weakly trained
+    model otherwise prefers ending at once (an empty output) to any length-normalised continuation."""
+
+    def __init__(self, inner: Stepper, eos: int, n: int) -> None:
+        self.inner, self.eos, self.n, self.made = inner, eos, n, 0
+
+    def _block(self, logits: Tensor) -> Tensor:
+        if self.made < self.n:
+            logits = logits.clone()
+            logits[:, self.eos] = float("-inf")
+        self.made += 1
+        return logits
+
+    def first(self) -> Tensor:
+        return self._block(self.inner.first())
+
+    def next(self, ids: Tensor) -> Tensor:
+        return self._block(self.inner.next(ids))
+
+    def reorder(self, index: Tensor) -> None:
+        self.inner.reorder(index)
+
+
 class CachedStepper:
     """A Transformer decoder with a KV cache: the prompt is run once, then one token per step.
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from objectives.base import Framing
-from pretrain.decoding import CachedStepper, Sampler, beam_search, generate
+from pretrain.decoding import CachedStepper, MinLength, Sampler, beam_search, generate
 from pretrain.errors import UserError
 
 MARKER = re.compile(r"\[MASK\]|<extra_id_(\d+)>")
@@ -148,6 +148,7 @@ class DecodeOptions:
     top_k: int | None = None  # sample among the k most likely tokens
     top_p: float | None = None  # sample from the smallest set with probability >= p (nucleus)
     seed: int | None = None  # sampling seed (None: a fresh one, reported)
+    min_new_tokens: int = 0  # `</s>` is not allowed before this many new tokens
 
     def __post_init__(self) -> None:
         if self.beam < 1:
@@ -160,6 +161,8 @@ class DecodeOptions:
             raise UserError(f"--top-k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.min_new_tokens < 0:
+            raise UserError(f"--min-new-tokens must be >= 0, got {self.min_new_tokens}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -205,6 +208,8 @@ def generate_batch(run: Run, prompts: list[str], opts: DecodeOptions, gen: torch
             want = [opts.max_new_tokens or 100] * len(rows)
             room = limit - ids.size(1)  # the cache counts the left padding too
         n_new = [min(w, room) for w in want]
+        if opts.min_new_tokens:
+            stepper = MinLength(stepper, tok.vocab.eos, opts.min_new_tokens)
         if opts.beam > 1:
             out = beam_search(stepper, len(rows), opts.beam, n_new, tok.vocab.eos, opts.length_penalty)
         else:

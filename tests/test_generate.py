@@ -167,6 +167,19 @@ def test_beam_search_finds_the_sequence_greedy_misses():
     assert beam_search(PrefixStepper(scorer, prompt), 2, 4, 6, eos=1, alpha=0.6).tokens == [[3], [3]]
 
 
+def test_min_new_tokens_forbids_an_early_end():
+    """The scorer's best beam ends after one token; with --min-new-tokens 3 no hypothesis ends before 3."""
+    from pretrain.decoding import MinLength
+
+    prompt = torch.zeros(2, 1, dtype=torch.long)
+    free = beam_search(PrefixStepper(scorer, prompt), 2, 2, 6, eos=1, alpha=0.6)
+    held = beam_search(MinLength(PrefixStepper(scorer, prompt), 1, 3), 2, 2, 6, eos=1, alpha=0.6)
+    assert [len(t) for t in free.tokens] == [1, 1]
+    assert all(len(t) >= 3 and 1 not in t for t in held.tokens)
+    greedy = generate(MinLength(PrefixStepper(scorer, prompt), 1, 3), 2, 6, eos=1)
+    assert all(1 not in t[:3] for t in greedy.tokens)
+
+
 def test_beam_length_penalty_prefers_longer_outputs():
     """[3] ends with p .25 after 2 tokens, [2, 2, 2, 2] with p .45 after 5: the length penalty alpha decides."""
     def fn(ids, mask, **_):
