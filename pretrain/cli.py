@@ -221,23 +221,21 @@ def tokenizer_train(
 @_friendly
 def objectives_() -> None:
     """List the registered objectives with their hyper-parameters and defaults."""
-    from dataclasses import MISSING, fields
+    from dataclasses import fields
 
     from rich.table import Table
 
     from objectives import OBJECTIVES
 
-    t = Table(title="objectives (set with --set objective.KEY=VALUE)", title_justify="left")
-    for c in ("objective", "arrangement", "hyper-parameter", "default"):
+    t = Table(title="objectives (pretrain run --objective NAME; --set objective.KEY=VALUE)", title_justify="left",
+              show_lines=True)
+    for c in ("objective", "arrangement", "what", "hyper-parameters (defaults)"):
         t.add_column(c)
     for name, cls in OBJECTIVES.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        arch = getattr(cls, "arch", None)
-        arch = arch.kind if hasattr(arch, "kind") else "depends on hyper-parameters"
-        t.add_row(f"[bold]{name}[/]", arch, doc, "")
-        for f in fields(cls):
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            t.add_row("", "", f.name, repr(default))
+        obj = cls()  # the defaults; the arrangement may depend on them (mlm with or without NSP)
+        what = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        params = "\n".join(f"{f.name} = {getattr(obj, f.name)!r}" for f in fields(obj)) or "-"
+        t.add_row(f"[bold]{name}[/]", obj.arch.kind, what, params)
     console.print(t)
 
 

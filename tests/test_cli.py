@@ -60,8 +60,11 @@ def test_help_does_not_import_torch():
 
 
 def test_listings():
-    res = runner.invoke(app, ["objectives"])
-    assert res.exit_code == 0 and "clm" in res.output
+    res = runner.invoke(app, ["objectives"], terminal_width=200)
+    assert res.exit_code == 0
+    for text in ("clm", "mlm", "span", "prefix", "denoise", "mask_prob = 0.15", "noise_density = 0.15",
+                 "mask_ratio = 0.3", "encoder-decoder"):
+        assert text in res.output, text
     res = runner.invoke(app, ["recipes"])
     assert res.exit_code == 0 and "gpt2-tiny" in res.output and "GPT-2 small" in res.output
 
