@@ -14,7 +14,7 @@ is the bug this avoids).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 import torch
@@ -88,11 +88,6 @@ class Objective(Protocol):
     # default_recipe: ClassVar[str]  -- the CPU-sized recipe `pretrain run --objective NAME` starts from
     # def baseline(self, split, vocab, seq_len) -> dict[str, float]
     #     -- a reference figure the run summary prints beside ours (e.g. a unigram model's loss)
-
-
-def hparams(objective: object) -> dict:
-    """The objective's hyper-parameters as a plain dict (its dataclass fields)."""
-    return {f.name: getattr(objective, f.name) for f in fields(objective)}
 
 
 def make_generator(seed: int, *stream: int | str) -> torch.Generator:

@@ -26,10 +26,6 @@ class Meter:
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k] > 0}
 
-    def reset(self) -> None:
-        self.sums.clear()
-        self.counts.clear()
-
 
 class JsonlLog:
     """Appends one JSON object per line to a file (rank 0 only), flushed at once so a crash loses nothing."""
