@@ -90,6 +90,12 @@ class Objective(Protocol):
     #     -- a reference figure the run summary prints beside ours (e.g. a unigram model's loss)
 
 
+def input_tokens(batch: Batch) -> int:
+    """Real (non-pad) input tokens of a batch: the attention mask's sum, or every input_ids entry without one.
+    What token budgets, tokens/s and the benchmark count."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 def make_generator(seed: int, *stream: int | str) -> torch.Generator:
     """A torch.Generator seeded from (seed, *stream), e.g. (seed, "train", step, micro_step, rank).
 

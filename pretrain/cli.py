@@ -135,8 +135,6 @@ def eval_(
     """Evaluate a run's newest checkpoint; print a table and write RUN_DIR/eval.json."""
     import dataclasses
 
-    import torch
-
     from pretrain import checkpoint
     from pretrain.config import load_run_config
     from pretrain.data import prepare
@@ -154,8 +152,7 @@ def eval_(
     rt = setup_runtime(cfg.train)
     model = build_model(cfg, prepared.tokenizer.vocab.size).to(rt.device)
     checkpoint.load_weights(path, model)
-    with torch.inference_mode(False):
-        res = evaluate(model, cfg, prepared.cache.split(split), prepared.tokenizer.vocab, rt, batches)
+    res = evaluate(model, cfg, prepared.cache.split(split), prepared.tokenizer.vocab, rt, batches)
     res = {"checkpoint": path.name, "split": split, "data": data_cfg.source or "built-in corpus", **res}
     tmp = run_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(res, indent=2))

@@ -38,13 +38,6 @@ class JsonlLog:
             f.write(json.dumps(record, default=float) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """All records of a metrics.jsonl file."""
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def fmt(value: Any) -> str:
     """A number as people read it in a table: 4 significant digits, thousands separators for counts."""
     if isinstance(value, bool) or value is None:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from objectives.base import IGNORE_INDEX, make_generator
+from objectives.base import IGNORE_INDEX, input_tokens, make_generator
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config, TrainConfig
 from pretrain.errors import UserError
@@ -162,11 +162,6 @@ class StepBatches(torch.utils.data.Dataset):
         step, micro = divmod(i, self.cfg.train.grad_accum)
         gen = make_generator(self.cfg.train.seed, "train", self.start + step, micro, self.rank)
         return self.cfg.objective.batch(self.split, self.vocab, gen, self.cfg.train.batch_size, self.cfg.data.seq_len)
-
-
-def input_tokens(batch: dict) -> int:
-    """Real (non-pad) input tokens of a batch: what token budgets and tokens/s count."""
-    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
 def target_counts(objective: Any, batches: list[dict], rt: Runtime) -> dict[str, torch.Tensor]:
@@ -307,7 +302,7 @@ def _loop(cfg: Config, run_dir: Path, rt: Runtime, model: torch.nn.Module, fwd: 
                         TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not rt.main)
     task = progress.add_task(f"{obj.name}", total=horizon, completed=start, info="")
-    stop_reason = "max_steps"
+    stop_reason, recs = "max_steps", []  # recs: this session's log records, for the summary
     with progress:
         while state["step"] < horizon:
             step = state["step"]
@@ -348,6 +343,7 @@ def _loop(cfg: Config, run_dir: Path, rt: Runtime, model: torch.nn.Module, fwd: 
                        "elapsed": time.perf_counter() - t_start}
                 if log:
                     log.write(rec)
+                recs.append(rec)
                 main = next(iter(obj.loss_terms))
                 progress.update(task, completed=state["step"], info=f"loss {rec.get(main, float('nan')):.4f} "
                                 f"lr {rec['lr']:.2e} {rec['tokens_per_s']:,.0f} tok/s mfu {rec['mfu']:.1%}")
@@ -359,7 +355,6 @@ def _loop(cfg: Config, run_dir: Path, rt: Runtime, model: torch.nn.Module, fwd: 
     state["elapsed"] = time.perf_counter() - t_start
     if rt.main and (last_ckpt is None or not last_ckpt.name.endswith(f"{state['step']:07d}")):
         last_ckpt = ckpt.save_training(run_dir, model, opt, scaler, state, tc.keep_last)
-    recs = [r for r in _read_train_records(run_dir) if "tokens_per_s" in r] if rt.main else []
     out = {"steps": state["step"], "tokens": state["tokens"], "seconds": state["elapsed"], "stopped_by": stop_reason,
            "train_loss": (recs[-1] if recs else {}).get(next(iter(obj.loss_terms)), float("nan")),
            "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
@@ -400,12 +395,6 @@ def _step(obj: Any, fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.opt
         scaler.update()
     opt.zero_grad(set_to_none=True)
     return gnorm, tokens
-
-
-def _read_train_records(run_dir: Path) -> list[dict]:
-    from pretrain.metrics import read_jsonl
-
-    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "split" not in r]
 
 
 def _eval_and_log(model: torch.nn.Module, cfg: Config, split: Any, vocab: Any, rt: Runtime, state: dict,
