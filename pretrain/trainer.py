@@ -275,7 +275,9 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console 
     summary.update({f"baseline_{k}": v for k, v in baseline.items()})
     if rt.main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if rt.world > 1:
+    if rt.world > 1:  # leave together, DDP's reducer gone first: tearing down under it can abort a rank at exit
+        del fwd
+        dist.barrier()
         dist.destroy_process_group()
     return summary
 
