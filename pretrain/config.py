@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from models.config import ModelConfig
 from pretrain.errors import UserError
+from pretrain.tokenizer import MIN_VOCAB_SIZE
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -47,9 +48,9 @@ class DataConfig:
         )
         _check(self.seq_len >= 8, "data.seq_len", "must be >= 8", self.seq_len)
         _check(
-            self.vocab_size >= 400,
+            self.vocab_size >= MIN_VOCAB_SIZE,
             "data.vocab_size",
-            "must be >= 400 (107 specials + 256 bytes + pieces)",
+            f"must be >= {MIN_VOCAB_SIZE} (the special pieces, 256 bytes and learned pieces)",
             self.vocab_size,
         )
 

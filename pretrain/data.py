@@ -183,8 +183,10 @@ class Prepared:
     stats: dict
 
 
-def prepare(cfg: DataConfig, *, progress: bool = True, console=None) -> Prepared:
-    """Build (or reuse) the tokenizer and token cache for `cfg`; returns them with stats.
+def prepare(cfg: DataConfig, *, extra_pieces: tuple[str, ...] = (), progress: bool = True,
+            console=None) -> Prepared:
+    """Build (or reuse) the tokenizer and token cache for `cfg`; returns them with stats. A trained tokenizer
+    gets `extra_pieces` (the objective's own special pieces) after the fixed ones; a given one must have them.
 
     Steps: resolve the source and fingerprint it (cheap); use `cfg.tokenizer` or the tokenizer trained for
     this corpus (trained now if absent: reads the documents); if the cache for (tokenizer, source,
@@ -199,12 +201,12 @@ def prepare(cfg: DataConfig, *, progress: bool = True, console=None) -> Prepared
     t0 = time.perf_counter()
     bars = _Bars(progress, console)
     try:
-        return _prepare(cfg, bars, t0)
+        return _prepare(cfg, tuple(extra_pieces), bars, t0)
     finally:
         bars.close()
 
 
-def _prepare(cfg: DataConfig, bars: _Bars, t0: float) -> Prepared:
+def _prepare(cfg: DataConfig, extra_pieces: tuple[str, ...], bars: _Bars, t0: float) -> Prepared:
     """`prepare` with its progress bars."""
     from pretrain.tokenizer import Tokenizer, train_tokenizer
 
@@ -228,17 +230,19 @@ def _prepare(cfg: DataConfig, bars: _Bars, t0: float) -> Prepared:
         return loaded["docs"], loaded["sents"]
 
     if cfg.tokenizer:
-        tok = Tokenizer.load(cfg.tokenizer)
+        tok = Tokenizer.load(cfg.tokenizer, extra_pieces)
     else:
+        extra = {"extra_pieces": list(extra_pieces)} if extra_pieces else {}  # none: the key stays as it was
         tkey = sha_json({"source": source.fingerprint, "vocab_size": cfg.vocab_size, "type": cfg.tokenizer_type,
-                     "seed": TOKENIZER_SEED, "format": FORMAT_VERSION, "limit": cfg.vocab_limit})[:24]
+                         "seed": TOKENIZER_SEED, "format": FORMAT_VERSION, "limit": cfg.vocab_limit, **extra})[:24]
         tpath = root / "tokenizers" / f"{tkey}.model"
         if not tpath.is_file():
             _, sents = documents()
             t = time.perf_counter()
             task = bars.task("tokenizer", None)
             train_tokenizer((s for doc in sents for s in doc), tpath.with_suffix(""), cfg.vocab_size,
-                            cfg.tokenizer_type, seed=TOKENIZER_SEED, soft_limit=cfg.vocab_limit == "soft")
+                            cfg.tokenizer_type, seed=TOKENIZER_SEED, soft_limit=cfg.vocab_limit == "soft",
+                            extra_pieces=extra_pieces)
             bars.finish(task)
             timings["tokenizer_seconds"] = time.perf_counter() - t
         tok = Tokenizer.load(tpath)

@@ -5,8 +5,9 @@ LM tokenization: Kudo 2018; BPE: Sennrich et al. 2016). One tokenizer serves eve
 
 Fixed ids shared by every objective (one tokenizer serves all of them):
     0 <pad>   1 <unk>   2 <s>   3 </s>   4 [CLS]   5 [SEP]   6 [MASK]   7..106 <extra_id_0>..<extra_id_99>
-then 107 = "\n" (a user-defined piece, so line breaks are one token), then the 256 byte pieces <0x00>..<0xFF>,
-then the learned pieces.
+then the extra special pieces an objective declares (`Objective.special_pieces`, e.g. UL2's mode tokens), in
+the order given, then "\n" (a user-defined piece, so line breaks are one token), then the 256 byte pieces
+<0x00>..<0xFF>, then the learned pieces. So ids [0, `Vocab.n_special`) are exactly the special pieces.
 The specials are sentencepiece *control* pieces: they are never produced from text, so a literal
 "[MASK]" or "<pad>" in a document stays text.
 
@@ -46,11 +47,11 @@ SENTINEL0 = 7  # <extra_id_k> has id SENTINEL0 + k
 SPECIAL_PIECES = ["<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]"] + [
     f"<extra_id_{k}>" for k in range(N_SENTINELS)
 ]
-N_SPECIAL = len(SPECIAL_PIECES)  # 107: ids below this are special
-NEWLINE = "\n"  # a user-defined piece (id N_SPECIAL in trained models): a line break is one token
+N_SPECIAL = len(SPECIAL_PIECES)  # the fixed special pieces; a tokenizer may add extra ones after them
+NEWLINE = "\n"  # a user-defined piece, right after the special pieces: a line break is one token
 TRAIN_THREADS = 4  # fixed, not os.cpu_count(): sentencepiece's result depends on its thread count
 CHARACTER_COVERAGE = 0.9995  # rarer characters are spelled with byte pieces (byte fallback)
-MIN_VOCAB_SIZE = 400  # 107 specials + "\n" + 256 bytes + a few dozen learned pieces
+MIN_VOCAB_SIZE = 400  # the fixed specials, "\n", 256 bytes and a few dozen learned pieces
 MAX_SENTENCE_BYTES = 1 << 14  # longer training sentences are skipped by the trainer (16 KiB; default 4 KiB)
 
 
@@ -63,7 +64,7 @@ class Vocab:
     """
 
     size: int
-    special: np.ndarray  # (V,) bool: pad, unk, bos, eos, cls, sep, mask, sentinels (never corrupted or drawn)
+    special: np.ndarray  # (V,) bool: the special pieces, fixed and extra (never corrupted or drawn)
     word_start: np.ndarray  # (V,) bool: the piece begins a word (starts with the "▁" boundary mark)
     piece_bytes: np.ndarray  # (V,) int64: UTF-8 bytes the piece stands for (▁ counts 1, byte pieces 1, specials 0)
     pad: int = PAD
@@ -73,10 +74,23 @@ class Vocab:
     cls: int = CLS
     sep: int = SEP
     mask: int = MASK
+    specials: tuple[str, ...] = tuple(SPECIAL_PIECES)  # the special pieces, in id order: fixed, then extra
+
+    @property
+    def n_special(self) -> int:
+        """Number of special pieces: ids below it are special."""
+        return len(self.specials)
 
     def sentinel(self, k: int) -> int:
         """Id of <extra_id_k>."""
         return SENTINEL0 + k
+
+    def special_id(self, piece: str) -> int:
+        """Id of a special piece (fixed or extra, e.g. an objective's mode token); UserError if absent."""
+        if piece not in self.specials:
+            raise UserError(f"the tokenizer has no special piece {piece!r}; train a new one (leave data.tokenizer "
+                            "empty) so that the objective's pieces are added")
+        return self.specials.index(piece)
 
     @cached_property
     def ordinary_ids(self) -> torch.Tensor:
@@ -107,25 +121,35 @@ class Vocab:
         return torch.from_numpy(self.piece_bytes.astype(np.int64))
 
     @classmethod
-    def synthetic(cls, size: int = 1000, word_start_every: int = 1) -> Vocab:
-        """A vocabulary for tests: the fixed specials, then ordinary pieces; every `word_start_every`-th
-        ordinary id starts a word (1 = all of them)."""
-        special = np.zeros(size, bool)
-        special[:N_SPECIAL] = True
+    def synthetic(cls, size: int = 1000, word_start_every: int = 1, extra: tuple[str, ...] = ()) -> Vocab:
+        """A vocabulary for tests: the fixed specials, the `extra` special pieces, then ordinary pieces; every
+        `word_start_every`-th ordinary id starts a word (1 = all of them)."""
+        specials = (*SPECIAL_PIECES, *extra)
+        special = np.arange(size) < len(specials)
         ids = np.arange(size)
-        word_start = (~special) & ((ids - N_SPECIAL) % word_start_every == 0)
+        word_start = (~special) & ((ids - len(specials)) % word_start_every == 0)
         piece_bytes = np.where(special, 0, 3).astype(np.int64)
-        return cls(size=size, special=special, word_start=word_start, piece_bytes=piece_bytes)
+        return cls(size=size, special=special, word_start=word_start, piece_bytes=piece_bytes, specials=specials)
 
 
-def _trainer_options(vocab_size: int, model_type: str, character_coverage: float) -> dict:
-    """Sentencepiece trainer options: the fixed specials, byte fallback and the round-trip normalization."""
+def check_extra_pieces(pieces: tuple[str, ...]) -> None:
+    """UserError unless `pieces` are distinct non-empty strings without whitespace, none a fixed special."""
+    for p in pieces:
+        if not p or any(c.isspace() for c in p) or p in SPECIAL_PIECES or pieces.count(p) > 1:
+            raise UserError(f"extra special piece {p!r} must be a non-empty string without whitespace, given once, "
+                            "and none of the fixed special pieces")
+
+
+def _trainer_options(vocab_size: int, model_type: str, character_coverage: float,
+                     extra_pieces: tuple[str, ...] = ()) -> dict:
+    """Sentencepiece trainer options: the fixed specials (then `extra_pieces`), byte fallback and the
+    round-trip normalization."""
     return dict(
         vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
         pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
         pad_piece=SPECIAL_PIECES[PAD], unk_piece=SPECIAL_PIECES[UNK],
         bos_piece=SPECIAL_PIECES[BOS], eos_piece=SPECIAL_PIECES[EOS],
-        control_symbols=SPECIAL_PIECES[CLS:],  # ids 4..106 in this order, right after the four above
+        control_symbols=[*SPECIAL_PIECES[CLS:], *extra_pieces],  # in this order, right after the four above
         user_defined_symbols=[NEWLINE],  # matched in text: a line break is one piece, not a byte piece
         byte_fallback=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
@@ -138,7 +162,8 @@ def _trainer_options(vocab_size: int, model_type: str, character_coverage: float
 
 def train_tokenizer(texts: Iterable[str], out_prefix: Path | str, vocab_size: int,
                     model_type: Literal["unigram", "bpe"] = "unigram", *, seed: int = 1234,
-                    character_coverage: float = CHARACTER_COVERAGE, soft_limit: bool = False) -> Path:
+                    character_coverage: float = CHARACTER_COVERAGE, soft_limit: bool = False,
+                    extra_pieces: tuple[str, ...] = ()) -> Path:
     """Train a sentencepiece model on `texts` (one sentence or document each) and write `<out_prefix>.model`
     (and a human-readable `<out_prefix>.vocab`: JSON-escaped piece, tab, score per line). Returns the .model path.
 
@@ -147,24 +172,27 @@ def train_tokenizer(texts: Iterable[str], out_prefix: Path | str, vocab_size: in
     Raises UserError when the corpus cannot support `vocab_size` (too few distinct pieces, or fewer slots
     than the specials + bytes + required characters need). With `soft_limit`, a corpus too small for
     `vocab_size` gets the largest vocabulary it supports instead (the caller reports the size it got).
+    `extra_pieces` are special (control) pieces placed right after the fixed ones.
     """
     import sentencepiece as spm
 
     if model_type not in ("unigram", "bpe"):
         raise UserError(f"tokenizer type must be 'unigram' or 'bpe', got {model_type!r}")
+    extra_pieces = tuple(extra_pieces)
+    check_extra_pieces(extra_pieces)
     out_prefix = Path(out_prefix)
     texts = [t for t in texts if t]  # the trainer chokes on empty strings; they carry nothing anyway
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model,
-                                       **_trainer_options(vocab_size, model_type, character_coverage))
+                                       **_trainer_options(vocab_size, model_type, character_coverage, extra_pieces))
     except RuntimeError as e:
         most = re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", str(e))
         if not (soft_limit and most and int(most[2]) >= MIN_VOCAB_SIZE):
             raise _training_error(str(e), vocab_size) from None
         return train_tokenizer(texts, out_prefix, int(most[2]), model_type, seed=seed,
-                               character_coverage=character_coverage)
+                               character_coverage=character_coverage, extra_pieces=extra_pieces)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(_processor(model.getvalue()), model.getvalue(), out_prefix.with_suffix(".model"))
     vocab_lines = "".join(f"{json.dumps(tok.id_to_piece(i), ensure_ascii=False)[1:-1]}\t{tok.sp.get_score(i):.6g}\n"
@@ -252,11 +280,15 @@ class Tokenizer:
         self.sp = sp
         self.model_bytes = model_bytes
         self.path = Path(path) if path is not None else None
+        n = N_SPECIAL
+        while n < sp.get_piece_size() and sp.is_control(n):  # the extra special pieces follow the fixed ones
+            n += 1
+        self.specials: tuple[str, ...] = tuple(sp.id_to_piece(i) for i in range(n))
 
     @classmethod
-    def load(cls, path: Path | str) -> Tokenizer:
-        """Load and validate a .model file: UserError if it is missing, not a sentencepiece model, or lacks
-        any special piece at its fixed id (naming the pieces)."""
+    def load(cls, path: Path | str, extra_pieces: tuple[str, ...] = ()) -> Tokenizer:
+        """Load and validate a .model file: UserError if it is missing, not a sentencepiece model, lacks any
+        fixed special piece at its fixed id, or lacks one of `extra_pieces` as a special piece (naming them)."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"tokenizer {path} does not exist; give a sentencepiece .model file or leave "
@@ -272,9 +304,14 @@ class Tokenizer:
         if problems:
             raise UserError(f"tokenizer {path} lacks the special pieces at their fixed ids ({problems}); every "
                             "objective needs <pad> <unk> <s> </s> [CLS] [SEP] [MASK] <extra_id_0..99> as control "
-                            "pieces 0..106: train one with `pretrain tokenizer train` (or leave data.tokenizer "
-                            "empty)")
-        return cls(sp, data, path)
+                            f"pieces 0..{N_SPECIAL - 1}: train one with `pretrain tokenizer train` (or leave "
+                            "data.tokenizer empty)")
+        tok = cls(sp, data, path)
+        missing = [p for p in extra_pieces if p not in tok.specials]
+        if missing:
+            raise UserError(f"tokenizer {path} lacks the special pieces {', '.join(missing)} that the objective needs "
+                            "(after the fixed ones); leave data.tokenizer empty to train one that has them")
+        return tok
 
     def __reduce__(self):
         return (_tokenizer_from_bytes, (self.model_bytes, self.path))
@@ -298,15 +335,15 @@ class Tokenizer:
         return self.sp.encode(list(texts), out_type=int, num_threads=num_threads or os.cpu_count() or 1)
 
     def decode(self, ids, keep_special: bool = False) -> str:
-        """Text of token ids. Special ids (< N_SPECIAL) are skipped, or written as their piece text
+        """Text of token ids. Special ids (below `vocab.n_special`) are skipped, or written as their piece text
         (`[MASK]`, `<extra_id_3>`) when keep_special is True."""
-        ids = [int(i) for i in ids]
+        ids, n = [int(i) for i in ids], len(self.specials)
         if not keep_special:
-            return self.sp.decode([i for i in ids if i >= N_SPECIAL])
+            return self.sp.decode([i for i in ids if i >= n])
         out, run = [], []
         for i in ids:
-            if i < N_SPECIAL:
-                out += [self.sp.decode(run), SPECIAL_PIECES[i]]
+            if i < n:
+                out += [self.sp.decode(run), self.specials[i]]
                 run = []
             else:
                 run.append(i)
@@ -322,20 +359,20 @@ class Tokenizer:
 
     @cached_property
     def vocab(self) -> Vocab:
-        """What objectives need: size, special mask (ids < N_SPECIAL), word starts ("▁..."), piece bytes
-        (UTF-8 bytes with "▁" as one space; byte pieces 1; control and unknown pieces 0)."""
-        V = self.size
-        special = np.arange(V) < N_SPECIAL
+        """What objectives need: size, special mask (the special pieces' ids), word starts ("▁..."), piece
+        bytes (UTF-8 bytes with "▁" as one space; byte pieces 1; control and unknown pieces 0)."""
+        V, n = self.size, len(self.specials)
+        special = np.arange(V) < n
         word_start = np.zeros(V, bool)
         piece_bytes = np.zeros(V, np.int64)
-        for i in range(N_SPECIAL, V):
+        for i in range(n, V):
             piece = self.sp.id_to_piece(i)
             word_start[i] = piece.startswith("▁")
             if self.sp.is_byte(i):
                 piece_bytes[i] = 1
             elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
                 piece_bytes[i] = len(piece.replace("▁", " ").encode("utf-8"))
-        return Vocab(size=V, special=special, word_start=word_start, piece_bytes=piece_bytes)
+        return Vocab(size=V, special=special, word_start=word_start, piece_bytes=piece_bytes, specials=self.specials)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, size={self.size})"

@@ -146,3 +146,28 @@ def test_load_names_missing_and_misplaced_specials(tmp_path):
     for name in ("missing: <pad>, [CLS], [SEP], [MASK], <extra_id_0..99>", "<unk> (id 0, needs 1)",
                  "</s> (id 2, needs 3)", "pretrain tokenizer train"):
         assert name in msg
+
+
+def test_extra_special_pieces_follow_the_fixed_ones(tmp_path, tok):
+    """An objective's own pieces (UL2's mode tokens, say) become control pieces right after the fixed ones;
+    everything that asks "is this special?" counts them, and the fixed ids do not move."""
+    extra = ("[NLU]", "[NLG]", "[S2S]")
+    t = Tokenizer.load(train_tokenizer(make_texts(), tmp_path / "x", 500, "unigram", extra_pieces=extra), extra)
+    assert [t.id_to_piece(i) for i in range(N_SPECIAL)] == SPECIAL_PIECES
+    assert t.specials == (*SPECIAL_PIECES, *extra) and t.id_to_piece(N_SPECIAL + 3) == NEWLINE
+    v = t.vocab
+    assert v.n_special == N_SPECIAL + 3 and v.special.sum() == v.n_special and v.special[: v.n_special].all()
+    assert [v.special_id(p) for p in extra] == [N_SPECIAL, N_SPECIAL + 1, N_SPECIAL + 2]
+    assert (v.piece_bytes[: v.n_special] == 0).all()
+    ids = t.encode("[NLU] stays text")
+    assert min(ids) >= v.n_special and t.decode(ids) == "[NLU] stays text"
+    assert t.decode([N_SPECIAL + 1, *t.encode("hi")]) == "hi"
+    assert t.decode([N_SPECIAL + 1, *t.encode("hi")], keep_special=True) == "[NLG]hi"
+    assert tok.vocab.n_special == N_SPECIAL  # a tokenizer without extras has only the fixed ones
+    with pytest.raises(UserError, match=r"lacks the special pieces \[NLU\]"):
+        Tokenizer.load(tok.path, ("[NLU]",))
+    with pytest.raises(UserError, match="no special piece"):
+        tok.vocab.special_id("[NLU]")
+    for bad in (("[MASK]",), ("a b",), ("[X]", "[X]"), ("",)):
+        with pytest.raises(UserError, match="extra special piece"):
+            train_tokenizer(make_texts(20), tmp_path / "bad", 450, "unigram", extra_pieces=bad)
