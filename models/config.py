@@ -1,8 +1,12 @@
-"""ModelConfig: the sizes and the few structural switches of the one Transformer backbone.
+"""ModelConfig (the sizes and the few structural switches of the one Transformer backbone) and Arch (its
+arrangement).
 
-The arrangement (decoder / encoder / encoder-decoder, segment embeddings, heads) is not here: the
-objective supplies it as an `objectives.base.Arch`, so a recipe cannot pair an objective with the wrong
-arrangement. The vocabulary size comes from the tokenizer and is passed to the model, never written back.
+The arrangement (decoder / encoder / encoder-decoder, segment embeddings, heads) is not a recipe setting:
+each objective supplies its `Arch`, so a recipe cannot pair an objective with the wrong arrangement. The
+vocabulary size comes from the tokenizer and is passed to the model, never written back.
+
+`models/` is a leaf: it imports nothing from the rest of the project. A bad value raises `ValueError` with a
+message naming the `model.` key; the config layer turns it into the user's one-line error.
 """
 
 from __future__ import annotations
@@ -10,12 +14,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pretrain.errors import UserError
-
 Norm = Literal["layernorm", "rmsnorm"]
 Placement = Literal["pre", "post"]
 Positions = Literal["learned", "sinusoidal", "relative", "rope"]
 Activation = Literal["gelu", "gelu_tanh", "relu", "geglu", "swiglu"]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The model arrangement an objective needs; the recipe only chooses sizes."""
+
+    kind: Literal["decoder", "encoder", "encoder-decoder"]
+    segments: bool = False  # token type (segment) embeddings with 2 types, as BERT
+    lm_transform: bool = False  # BERT's MLM head: dense + activation + LayerNorm before the tied output, plus bias
+    classifier: int = 0  # > 0: a pooler (dense + tanh on the first token) and a classifier with this many classes
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("decoder", "encoder", "encoder-decoder"):
+            raise ValueError(f"arch kind must be decoder, encoder or encoder-decoder, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -46,20 +62,25 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for key in ("n_layers", "n_heads", "d_model", "d_ff", "max_len", "rel_buckets", "rel_max_distance"):
             if getattr(self, key) < 1:
-                raise UserError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.n_dec_layers < 0:
-            raise UserError(f"model.n_dec_layers must be >= 0 (0 = same as n_layers), got {self.n_dec_layers}")
+            raise ValueError(f"model.n_dec_layers must be >= 0 (0 = same as n_layers), got {self.n_dec_layers}")
         if self.d_model % self.n_heads:
-            raise UserError(
+            raise ValueError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}); "
                 "change one of them"
             )
         if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
-            raise UserError("model.positions = 'rope' needs an even head size (d_model / n_heads)")
+            raise ValueError("model.positions = 'rope' needs an even head size (d_model / n_heads)")
         if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.init_std <= 0 or self.norm_eps <= 0:
-            raise UserError("model.init_std and model.norm_eps must be > 0")
+            raise ValueError("model.init_std and model.norm_eps must be > 0")
+        if self.positions == "relative" and not self.rel_max_distance > self.rel_buckets // 2 >= 2:
+            raise ValueError(
+                f"model.rel_buckets ({self.rel_buckets}) must be >= 4 and model.rel_max_distance "
+                f"({self.rel_max_distance}) above rel_buckets / 2; T5 uses 32 and 128"
+            )
 
     @property
     def dec_layers(self) -> int:

@@ -1,4 +1,4 @@
-"""Tests of the Transformer backbone (issue 3) and its KV cache (issue 7). Tiny fp32 models in eval mode."""
+"""Tests of the Transformer backbone and its KV cache. Tiny fp32 models in eval mode."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import math
 import pytest
 import torch
 
-from models.config import ModelConfig
+from models.config import Arch, ModelConfig
 from models.transformer import KVCache, Transformer
-from objectives.base import Arch
-from pretrain.errors import UserError
 
 V = 61
 POSITIONS = ["learned", "sinusoidal", "relative", "rope"]
@@ -270,14 +268,16 @@ def test_cache_reorder_follows_beams():
 
 
 # ------------------------------------------------------------------------------------------------ errors
-def test_too_long_is_a_user_error():
+def test_too_long_is_an_error_naming_the_keys():
+    """models/ raises ValueError (it imports nothing from pretrain/); callers check lengths up front and the
+    config layer turns model errors into the user's one-line error."""
     model = make(max_len=16)
-    with pytest.raises(UserError, match=r"17 tokens .* model.max_len = 16.*data.seq_len"):
+    with pytest.raises(ValueError, match=r"17 tokens .* model.max_len = 16.*data.seq_len"):
         model(ids(1, 17))
     cache = KVCache()
     with torch.no_grad():
         model.decode(ids(1, 16), cache=cache)
-        with pytest.raises(UserError, match="max_len"):
+        with pytest.raises(ValueError, match="max_len"):
             model.decode(ids(1, 1), cache=cache)
-    with pytest.raises(UserError, match="max_len"):
+    with pytest.raises(ValueError, match="max_len"):
         make("encoder-decoder", max_len=16, positions="relative")(ids(1, 20), decoder_input_ids=ids(1, 4))

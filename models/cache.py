@@ -1,0 +1,76 @@
+"""The KV cache of incremental decoding and the attention masks every stack builds (padding, causal, relative
+bias); the protocol is in the docstring of `models/transformer.py`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models.layers import KV
+
+
+class KVCache:
+    """Keys and values kept across decoding steps (the protocol is in the docstring of `models/transformer.py`)."""
+
+    def __init__(self) -> None:
+        self.self_kv: dict[int, KV] = {}  # decoder layer -> self-attention (k, v), each (B, nh, L, hs)
+        self.cross_kv: dict[int, KV] = {}  # decoder layer -> cross-attention (k, v), each (B, nh, S, hs)
+        self.mask: Tensor | None = None  # (B, L) bool, True = real token; None = every token real
+        self.memory_mask: Tensor | None = None  # (B, 1, 1, S) bool cross-attention mask
+        self.length = 0  # L: tokens cached so far, padding included
+
+    def grow_mask(self, new: Tensor | None, B: int, T: int) -> Tensor | None:
+        """Record the padding mask of T new tokens; return the mask over cache + new tokens (B, L + T)."""
+        if new is None and self.mask is None:
+            return None
+        if new is None:
+            new = torch.ones(B, T, dtype=torch.bool, device=self.mask.device)
+        if self.mask is None:
+            self.mask = torch.ones(B, self.length, dtype=torch.bool, device=new.device)
+        self.mask = torch.cat((self.mask, new), dim=1)
+        return self.mask
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B',) of everything cached, in that order (beam search)."""
+        for kv in (self.self_kv, self.cross_kv):
+            for i, (k, v) in kv.items():
+                kv[i] = (k.index_select(0, index), v.index_select(0, index))
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.index_select(0, index)
+
+
+# --------------------------------------------------------------------------------------------- masks
+def padding_mask(mask: Tensor) -> Tensor:
+    """(B, L) 1 = real -> (B, 1, 1, L) bool key mask; an all-padding row attends everywhere (no NaN)."""
+    keep = mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+    return keep | ~keep.any(-1, keepdim=True)
+
+
+def self_attention_mask(
+    causal: bool, T: int, past: int, key_mask: Tensor | None, bias: Tensor | None, device: torch.device
+) -> tuple[Tensor | None, bool]:
+    """The self-attention mask shared by every layer of a stack, and whether to use the causal fast path.
+
+    T new queries attend to L = past + T keys. key_mask (B, L) bool marks real keys; bias (1, nh, T, L) is
+    the relative position bias. Returns a bool mask (True = may attend) broadcastable to (B, nh, T, L), an
+    additive float mask when there is a bias, or None.
+    """
+    if bias is None and key_mask is None:
+        if not causal or T == 1:  # encoder without padding, or one new token that may see the whole cache
+            return None, False
+        if past == 0:
+            return None, True
+    allowed = None
+    if causal and T > 1:
+        allowed = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)  # (T, L): i sees <= past+i
+    if key_mask is not None:
+        keys = key_mask[:, None, None, :]  # (B, 1, 1, L)
+        allowed = keys if allowed is None else keys & allowed  # (B, 1, T, L)
+    if allowed is None:
+        return bias, False
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # a query with no real key sees all: finite, ignored
+    if bias is None:
+        return allowed, False
+    return torch.where(allowed, bias, float("-inf")), False  # (B|1, nh, T, L)
