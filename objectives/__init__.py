@@ -1,10 +1,11 @@
 """The registry of objectives: one explicit dict, no registration by import side effects.
 
-To add an objective, write one module with a frozen dataclass implementing `objectives.base.Objective`
-and add one line here.
+To add an objective, write one module with a frozen dataclass that subclasses `objectives.base.Objective`
+and add one line to OBJECTIVES (the README's "Adding an objective" walks through it).
 """
 
-from objectives.base import IGNORE_INDEX, Arch, Batch, Objective
+from models.config import Arch
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective
 from objectives.clm import CausalLM
 from objectives.denoise import Denoising
 from objectives.mlm import MaskedLM
@@ -12,7 +13,7 @@ from objectives.span import PrefixLM, SpanCorruption
 
 DEFAULT_OBJECTIVE = "clm"  # what `pretrain run` trains when no --objective or recipe says otherwise
 
-OBJECTIVES: dict[str, type] = {
+OBJECTIVES: dict[str, type[Objective]] = {
     "clm": CausalLM,
     "mlm": MaskedLM,
     "span": SpanCorruption,
@@ -20,4 +21,4 @@ OBJECTIVES: dict[str, type] = {
     "denoise": Denoising,
 }
 
-__all__ = ["DEFAULT_OBJECTIVE", "IGNORE_INDEX", "OBJECTIVES", "Arch", "Batch", "Objective"]
+__all__ = ["DEFAULT_OBJECTIVE", "IGNORE_INDEX", "OBJECTIVES", "Arch", "Batch", "Framing", "Objective"]

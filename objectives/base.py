@@ -1,24 +1,31 @@
-"""The Objective protocol, the Batch type, IGNORE_INDEX and the loss helpers every objective shares.
+"""The objective contract (`Objective`), the Batch type, IGNORE_INDEX and the loss helpers every objective
+shares.
 
-An objective is a frozen dataclass whose fields are its hyper-parameters; constructing it validates them
-(raise `pretrain.errors.UserError` from `__post_init__`). It says which model arrangement it needs
-(`arch`), draws a corrupted batch from the token cache (`batch`, a pure function of the generator it is
-given, vectorized over the whole batch), and turns a batch into per-term *sums* of losses (`loss`).
+An objective is a frozen dataclass that subclasses `Objective`; its fields are its hyper-parameters and
+constructing it validates them (raise `pretrain.errors.UserError` from `__post_init__`). It says which model
+arrangement it needs (`arch`), draws a corrupted batch from the token cache (`batch`, a pure function of the
+generator it is given, vectorized over the whole batch), and turns a batch into per-term *sums* of losses
+(`loss`). Every other member has a default here, so the smallest objective writes five things: `name`,
+`arch`, `loss_terms`, `batch` and `loss` (see objectives/clm.py).
 
 Loss averaging happens in exactly one place, the trainer: it counts each loss term's targets from the
 batch field named in `loss_terms` (entries != IGNORE_INDEX), sums the counts over all micro-batches and
-ranks, and divides. So 1x8 and 4x2 gradient accumulation give the same update (HF's per-micro-batch mean
-is the bug this avoids).
+ranks, and divides. So 1x8 and 4x2 gradient accumulation give the same update (Hugging Face's per-micro-batch
+mean is the bug this avoids).
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from models.config import Arch
 
 if TYPE_CHECKING:
     from pretrain.data import TokenSplit
@@ -28,25 +35,14 @@ IGNORE_INDEX = -100
 """Label value that marks a position without a target (the value PyTorch's cross_entropy and HF use)."""
 
 Batch = dict[str, torch.Tensor]
-"""A batch: HF names. `input_ids`, `attention_mask` (1 = real token), `token_type_ids`, `labels`,
-`decoder_input_ids`, `decoder_attention_mask`, `next_sentence_label`. Every tensor is on the CPU when the
-objective returns it; the trainer moves it to the device."""
+"""A batch: HF names. `input_ids`, `attention_mask` (1 = real token), `token_type_ids`, `labels` (token
+targets), `decoder_input_ids`, `decoder_attention_mask`, `next_sentence_label`. Every tensor is int64 and on
+the CPU when the objective returns it; the trainer moves it to the device."""
 
 Terms = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """What `Objective.loss` returns: metric name -> (sum, count), both 0-dim tensors. The mean is sum/count.
 Loss terms (the keys of `loss_terms`) carry gradients in the sum; every other entry (accuracies, ...) is
 detached and reported only."""
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The model arrangement an objective needs; the recipe only chooses sizes, so a mismatch cannot be
-    configured."""
-
-    kind: Literal["decoder", "encoder", "encoder-decoder"]
-    segments: bool = False  # token type (segment) embeddings with 2 types, as BERT
-    lm_transform: bool = False  # BERT's MLM head: dense + activation + LayerNorm before the tied output, plus bias
-    classifier: int = 0  # > 0: a pooler (dense + tanh on the first token) and a classifier with this many classes
 
 
 @dataclass(frozen=True)
@@ -60,34 +56,70 @@ class Framing:
     decoder_start: int | None = None
 
 
-class Objective(Protocol):
-    """What every objective provides. See objectives/clm.py for the smallest complete example."""
+class Objective(abc.ABC):
+    """The whole contract of an objective. Subclass it with a frozen dataclass and register the class in
+    `objectives.OBJECTIVES`; `tests/test_objectives.py` then checks the contract for it.
 
-    name: ClassVar[str]  # the registry key, e.g. "clm"
+    Required: the class attributes `name`, `arch`, `loss_terms` and the methods `batch` and `loss`. The
+    rest are optional, with the defaults written here.
+    """
+
+    name: ClassVar[str]
+    """The registry key, e.g. "clm"."""
     arch: ClassVar[Arch]
-    loss_terms: ClassVar[dict[str, str]]  # loss term name -> batch field whose non-ignored entries are its targets
+    """The model arrangement (decoder / encoder / encoder-decoder, segments, heads); may be a property when
+    it depends on the hyper-parameters (BERT's NSP head)."""
+    loss_terms: ClassVar[dict[str, str]]
+    """Loss term name -> batch field whose non-IGNORE_INDEX entries are its targets. The first is the main
+    term (what `loss`, perplexity and bits per byte report). May be a property, like `arch`."""
+    default_recipe: ClassVar[str | None] = None
+    """The CPU-sized recipe `pretrain run --objective NAME` starts from; None: the dataclass defaults."""
+    special_pieces: ClassVar[tuple[str, ...]] = ()
+    """Special pieces of this objective's own (UL2's mode tokens, say): the tokenizer appends them after the
+    fixed ones; look their ids up with `vocab.special_id(piece)`."""
+
+    @abc.abstractmethod
+    def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
+        """Draw and corrupt one batch of `batch_size` rows from `split`. Pure given `gen` (same generator
+        state, same batch); vectorized tensor code, never a Python loop over tokens."""
+
+    @abc.abstractmethod
+    def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
+        """Run the model as this objective needs; return (sum, count) per term (losses in nats). The count
+        of each loss term must equal the targets the trainer counts in its `loss_terms` field."""
 
     def positions_needed(self, seq_len: int) -> int:
-        """The longest sequence (encoder or decoder side) the model sees for `data.seq_len` = seq_len,
-        so the trainer can check it against the position table before training starts."""
-        ...
+        """The longest sequence (encoder or decoder side) the model sees for `data.seq_len` = seq_len, so the
+        trainer can check it against `model.max_len` before training starts. Default: seq_len."""
+        return seq_len
 
-    def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
-        """Draw and corrupt one batch from `split`. Pure given `gen`; vectorized tensor code."""
-        ...
+    def decoder_length(self, seq_len: int) -> int:
+        """Decoder positions per row of an encoder-decoder batch (what the training FLOPs count for the
+        decoder side). Default: seq_len; objectives with shorter targets (T5's 114 for 512) say so."""
+        return seq_len
 
-    def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
-        """Run the model as this objective needs; return (sum, count) per term (losses in nats)."""
-        ...
+    def raw_window(self, seq_len: int) -> int | None:
+        """The fixed length of raw text window one row corrupts when it differs from seq_len (T5 reads 568
+        tokens for 512 inputs), for the benchmark's raw-token figure; None (default) when there is none."""
+        return None
 
     def framing(self, vocab: Vocab) -> Framing:
-        """The special tokens around a prompt, as in this objective's training batches."""
-        ...
+        """The special tokens around a prompt, as in this objective's training batches. Default, from the
+        arrangement: a decoder's prompt follows `</s>` (the start of a document of the causal stream), an
+        encoder's is bare text, an encoder-decoder's decoder starts with `<pad>` (T5's convention)."""
+        if self.arch.kind == "decoder":
+            return Framing(prefix=(vocab.eos,))
+        return Framing(decoder_start=vocab.pad if self.arch.kind == "encoder-decoder" else None)
 
-    # Optional:
-    # default_recipe: ClassVar[str]  -- the CPU-sized recipe `pretrain run --objective NAME` starts from
-    # def baseline(self, split, vocab, seq_len) -> dict[str, float]
-    #     -- a reference figure the run summary prints beside ours (e.g. a unigram model's loss)
+    def special_targets(self, vocab: Vocab) -> frozenset[int]:
+        """Special ids that may be targets in `labels` (T5's sentinels and `</s>`, BART's `<s>`/`</s>`); any
+        other special id, `<pad>` above all, must never be one. Default: none."""
+        return frozenset()
+
+    def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int) -> dict[str, float]:
+        """A reference figure the run summary prints beside ours (e.g. a unigram model's loss), fit on the
+        training split; {} (default) for none."""
+        return {}
 
 
 def input_tokens(batch: Batch) -> int:
@@ -138,3 +170,8 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     out[:, 0] = start_id
     out[:, 1:] = labels[:, :-1]
     return out.masked_fill(out == IGNORE_INDEX, pad_id)
+
+
+def unigram_counts(split: TokenSplit, size: int) -> np.ndarray:
+    """(size,) float64 count of every id in the split's tokens (what the unigram baselines fit)."""
+    return np.bincount(np.asarray(split.tokens), minlength=size)[:size].astype(np.float64)

@@ -1,23 +1,29 @@
 """Causal language modelling (Radford et al. 2018, 2019; nanoGPT).
 
-Documents are joined into one stream with `</s>` after each document; a window of T+1 consecutive stream
-tokens gives inputs = the first T and labels = the last T, so one forward pass under the causal mask
-scores every position (teacher forcing). As GPT-2 and nanoGPT do, attention crosses document boundaries
-inside a window (the `</s>` tells the model a new document starts); block-diagonal masking buys ~0.1%
-for a large speed cost (REFERENCES.md, A.3), so we do not.
+Documents are joined into one stream with `</s>` after each document (nanoGPT
+`data/openwebtext/prepare.py` appends GPT-2's end-of-text token to every document); a window of T+1
+consecutive stream tokens gives inputs = the first T and labels = the last T (nanoGPT `train.py`,
+`get_batch`), so one forward pass under the causal mask scores every position (teacher forcing). As GPT-2
+and nanoGPT do (`model.py`, `CausalSelfAttention.forward` with `is_causal=True` over the whole window),
+attention crosses document boundaries inside a window: the `</s>` tells the model a new document starts.
+Block-diagonal masking was measured to buy about 0.1% for a large speed cost
+(https://github.com/mlfoundations/open_lm/issues/206), so we do not mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
-from objectives.base import Arch, Batch, Framing, Terms, ce_terms
-from pretrain.data import TokenSplit
-from pretrain.tokenizer import Vocab
+from models.config import Arch
+from objectives.base import Batch, Objective, Terms, ce_terms, unigram_counts
+
+if TYPE_CHECKING:
+    from pretrain.data import TokenSplit
+    from pretrain.tokenizer import Vocab
 
 
 def stream_windows(split: TokenSplit, starts: torch.Tensor, length: int, sep: int) -> torch.Tensor:
@@ -37,21 +43,19 @@ def stream_windows(split: TokenSplit, starts: torch.Tensor, length: int, sep: in
 
 
 @dataclass(frozen=True)
-class CausalLM:
+class CausalLM(Objective):
     """Next-token prediction on every position of a window of the `</s>`-joined document stream."""
 
     name: ClassVar[str] = "clm"
     arch: ClassVar[Arch] = Arch(kind="decoder")
     loss_terms: ClassVar[dict[str, str]] = {"lm_loss": "labels"}
     default_recipe: ClassVar[str] = "gpt2-tiny"  # the CPU-sized recipe `pretrain run --objective clm` starts from
+    # The defaults fit: inputs are seq_len tokens long, and a prompt follows the `</s>` that ends the previous
+    # document (Objective.positions_needed, Objective.framing).
 
-    def positions_needed(self, seq_len: int) -> int:
-        """Inputs are seq_len tokens long."""
-        return seq_len
-
-    def framing(self, vocab: Vocab) -> Framing:
-        """A prompt reads as the start of a document: it follows the `</s>` that ends the previous one."""
-        return Framing(prefix=(vocab.eos,))
+    def special_targets(self, vocab: Vocab) -> frozenset[int]:
+        """The `</s>` after each document is predicted like any token."""
+        return frozenset({vocab.eos})
 
     def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
         """batch_size windows of seq_len + 1 stream tokens at uniform random starts."""
@@ -71,7 +75,7 @@ class CausalLM:
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Bits per byte of a unigram model fit and scored on `split` (the trainer passes the training split):
         the figure any language model must beat."""
-        counts = np.bincount(np.asarray(split.tokens), minlength=vocab.size).astype(np.float64)
+        counts = unigram_counts(split, vocab.size)
         counts[vocab.eos] += split.n_docs
         p = counts[counts > 0] / counts.sum()
         nats = -(counts[counts > 0] * np.log(p)).sum()

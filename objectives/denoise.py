@@ -1,7 +1,7 @@
 """BART's denoising objective on the encoder-decoder (Lewis et al. 2019, "BART: Denoising Sequence-to-Sequence
 Pre-training for Natural Language Generation, Translation, and Comprehension", arXiv:1910.13461; the final
 model: text infilling with Poisson(3) spans over 30% of the text, plus permutation of every sentence),
-faithful to fairseq's `data/denoising_dataset.py` where the paper is silent (REFERENCES.md, D).
+faithful to fairseq's `fairseq/data/denoising_dataset.py` (`DenoisingDataset`) where the paper is silent.
 
 Blocks. A block starts at a uniformly random sentence of the cache and takes whole consecutive sentences
 while they fit in seq_len - 2 tokens (a single over-long sentence is cut to seq_len - 2), framed as
@@ -19,7 +19,7 @@ single-token masking) -> insert -> rotate; then a `random_ratio` fraction of all
 ordinary token (never a special piece; fairseq draws from [1, V), specials included).
 - Sentence permutation: ceil(k * permute_ratio) of the block's k sentences, chosen at random, are shuffled
   among their own slots (all of them at 1.0); `<s>`/`</s>` stay put. Boundaries are the cache's sentence
-  offsets, so permutation works with any tokenizer (fairseq needs a full-stop token, REFERENCES.md D).
+  offsets, so permutation works with any tokenizer (fairseq's `permute_sentences` splits at a full-stop token).
 - Text infilling works on whole words, as BART's `--mask-length span-poisson` does (fairseq's
   `mask_whole_words`): a word is a piece with sentencepiece's boundary mark ("▁", `vocab.word_start`) and
   the pieces after it; the first piece of each sentence also starts a word, so a word never straddles a
@@ -54,15 +54,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
-from objectives.base import IGNORE_INDEX, Arch, Batch, Framing, Terms, ce_terms, shift_right
-from pretrain.data import TokenSplit
+from models.config import Arch
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, shift_right, unigram_counts
 from pretrain.errors import UserError
-from pretrain.tokenizer import Vocab
+
+if TYPE_CHECKING:
+    from pretrain.data import TokenSplit
+    from pretrain.tokenizer import Vocab
 
 
 @lru_cache(maxsize=16)
@@ -92,7 +95,7 @@ def sentence_blocks(split: TokenSplit, vocab: Vocab, first_sent: np.ndarray, seq
     end = np.maximum(end, first_sent + 1)  # at least one (cut) sentence
     n = np.minimum(so[end] - a, C)  # (B,)
     j = np.arange(C)
-    toks = np.asarray(split.tokens)[np.minimum(a[:, None] + j, split.n_tokens - 1)].astype(np.int64)  # (B, C)
+    toks = split.tokens[np.minimum(a[:, None] + j, split.n_tokens - 1)].astype(np.int64)  # (B, C)
     block = np.full((B, seq_len), vocab.pad, np.int64)
     block[:, 0] = vocab.bos
     block[:, 1:-1] = np.where(j < n[:, None], toks, vocab.pad)
@@ -185,8 +188,35 @@ def place_spans(n_words: torch.Tensor, lengths: torch.Tensor, m: torch.Tensor,
     return c + (lengths.cumsum(1) - lengths) + sep[:, None] * r
 
 
+def _emit(value: torch.Tensor, keep: torch.Tensor, n_ins: torch.Tensor, n_rand: torch.Tensor | None, vocab: Vocab,
+          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each row's source: every position emits its inserted tokens (n_rand random ones first, then n_ins
+    [MASK]s), then its own `value` where `keep`. value, keep, n_ins, n_rand (B, T). Returns (out (B, S), total
+    (B,)): the sources left-aligned (slots past `total` hold [MASK]) and their lengths."""
+    B = value.size(0)
+    n_before = n_ins if n_rand is None else n_ins + n_rand
+    width = n_before + keep.long()
+    first = width.cumsum(1) - width  # (B, T) first output slot of each position's insertions
+    out_pos = first + n_before  # (B, T) output slot of the token itself (when kept)
+    total = width.sum(1)  # (B,) source lengths
+    S = int(total.max())
+    out = torch.full((B, S + 1), vocab.mask, dtype=torch.long)  # unwritten slots are inserted [MASK]s
+    out.scatter_(1, torch.where(keep, out_pos, S), value)
+    if n_rand is not None:
+        # Mark each run of random insertions with +1 at its first slot and -1 past its last.
+        runs = torch.zeros(B, S + 2, dtype=torch.long)
+        has = n_rand > 0
+        runs.scatter_add_(1, torch.where(has, first, S + 1), has.long())
+        runs.scatter_add_(1, torch.where(has, first + n_rand, S + 1), -has.long())
+        is_rand = runs.cumsum(1)[:, : S + 1] > 0
+        n_draw = int(is_rand.sum())
+        draws = vocab.ordinary_ids[torch.randint(len(vocab.ordinary_ids), (n_draw,), generator=gen)]
+        out = out.masked_scatter(is_rand, draws)
+    return out[:, :S], total
+
+
 @dataclass(frozen=True)
-class Denoising:
+class Denoising(Objective):
     """BART's denoising autoencoder: the encoder reads a corrupted block, the decoder rewrites it clean."""
 
     mask_ratio: float = 0.3  # fraction of each block's words hidden by text infilling (0 = no infilling)
@@ -224,6 +254,10 @@ class Denoising:
         """The decoder reads seq_len tokens; the source is at most that plus the random insertions."""
         return seq_len + math.ceil(self.insert_ratio * (seq_len - 2))
 
+    def special_targets(self, vocab: Vocab) -> frozenset[int]:
+        """The target is the clean block, `<s>` and `</s>` included (fairseq's target)."""
+        return frozenset({vocab.bos, vocab.eos})
+
     def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
         """batch_size blocks of whole sentences, corrupted. input_ids/attention_mask (B, S) padded to the
         longest source; labels (B, T) the clean blocks with pads -> IGNORE_INDEX, T the longest block;
@@ -256,35 +290,10 @@ class Denoising:
         pos = torch.arange(T)
         content = (pos >= 1) & (pos <= n[:, None])  # (B, T)
         eos_pos = (n + 1)[:, None]  # (B, 1)
-        # Words: a word-start piece or a sentence's first piece opens one; wid numbers them per row.
+        # Words: a word-start piece or a sentence's first piece opens one.
         word_first = content & (vocab.word_start_t[src] | sent_first)
         word_first[:, 1] = True
-        wid = word_first.long().cumsum(1) - 1  # (B, T)
-        n_words = word_first.sum(1)  # (B,)
-        W = int(n_words.max()) + 2
-        wid_c = torch.where(content, wid, W - 1)  # non-content positions read a dummy word that is never masked
-
-        masked = torch.zeros_like(content)  # (B, T) tokens removed by infilling (span heads included)
-        head = torch.zeros_like(content)  # (B, T) first token of a span: becomes the span's [MASK]
-        n_ins = torch.zeros(B, T, dtype=torch.long)  # (B, T) [MASK]s inserted just before each position
-        if self.mask_ratio > 0:
-            budget = (self.mask_ratio * n_words + 0.5).floor().long()  # (B,) words to mask
-            lengths, m, _ = poisson_spans(budget, self.poisson_lambda, gen)  # (B, S)
-            start = place_spans(n_words, lengths, m, gen)  # (B, S) first word of each span
-            live = torch.arange(lengths.size(1)) < m[:, None]
-            start = torch.where(live, start, W - 1)
-            pos_span = live & (lengths > 0)
-            # Covered words: +1 at each span's first word, -1 just past its last, then a running sum.
-            edge = torch.zeros(B, W + 1, dtype=torch.long)
-            edge.scatter_add_(1, start, pos_span.long()).scatter_add_(1, start + lengths, -pos_span.long())
-            covered = edge.cumsum(1)[:, :W] > 0  # (B, W)
-            opens = torch.zeros(B, W, dtype=torch.bool).scatter_(1, start, pos_span)  # (B, W) span heads
-            ins = torch.zeros(B, W, dtype=torch.long).scatter_add_(1, start, (live & (lengths == 0)).long())
-            masked = covered.gather(1, wid_c)
-            head = word_first & opens.gather(1, wid_c)
-            # A zero-length span at word w inserts before w's first piece; at w = n_words, before `</s>`.
-            n_ins = torch.where(word_first, ins.gather(1, wid_c), 0)
-            n_ins.scatter_add_(1, eos_pos, ins.gather(1, n_words[:, None]))
+        masked, head, n_ins = self._infill(content, word_first, eos_pos, gen)
         single = None
         frame = (pos == 0) | (pos == eos_pos)  # (B, T) `<s>` and `</s>`; pads emit nothing
         keep = frame | (content & (~masked | head))  # (B, T) positions that emit a token
@@ -300,29 +309,48 @@ class Denoising:
             gap = 1 + (torch.rand(B, E, generator=gen) * (n + 1)[:, None]).long()  # before positions 1..n+1
             gap = torch.where(torch.arange(E) < k[:, None], gap, 0)
             n_rand = torch.zeros(B, T, dtype=torch.long).scatter_add_(1, gap, (gap > 0).long())
-        # Emit: each position writes its inserted tokens (random ones first, then [MASK]s), then itself.
-        n_before = n_ins if n_rand is None else n_ins + n_rand
-        width = n_before + keep.long()
-        first = width.cumsum(1) - width  # (B, T) first output slot of each position's insertions
-        out_pos = first + n_before  # (B, T) output slot of the token itself (when kept)
-        total = width.sum(1)  # (B,) source lengths
         value = src.masked_fill(head, vocab.mask)
         if single is not None:
             value = value.masked_fill(single, vocab.mask)
-        S = int(total.max())
-        out = torch.full((B, S + 1), vocab.mask, dtype=torch.long)  # unwritten slots are inserted [MASK]s
-        out.scatter_(1, torch.where(keep, out_pos, S), value)
-        if n_rand is not None:
-            # Mark each run of random insertions with +1 at its first slot and -1 past its last.
-            runs = torch.zeros(B, S + 2, dtype=torch.long)
-            has = n_rand > 0
-            runs.scatter_add_(1, torch.where(has, first, S + 1), has.long())
-            runs.scatter_add_(1, torch.where(has, first + n_rand, S + 1), -has.long())
-            is_rand = runs.cumsum(1)[:, : S + 1] > 0
-            n_draw = int(is_rand.sum())
-            draws = vocab.ordinary_ids[torch.randint(len(vocab.ordinary_ids), (n_draw,), generator=gen)]
-            out = out.masked_scatter(is_rand, draws)
-        out = out[:, :S]
+        out, total = _emit(value, keep, n_ins, n_rand, vocab, gen)
+        return self._finish(out, total, vocab, gen, limit)
+
+    def _infill(self, content: torch.Tensor, word_first: torch.Tensor, eos_pos: torch.Tensor,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Text infilling on whole words (module docstring). Returns, each (B, T): masked (tokens removed,
+        span heads included), head (a span's first token, which becomes its [MASK]) and n_ins ([MASK]s of
+        zero-length spans inserted just before each position)."""
+        B, T = content.shape
+        wid = word_first.long().cumsum(1) - 1  # (B, T) word index per row
+        n_words = word_first.sum(1)  # (B,)
+        W = int(n_words.max()) + 2
+        wid_c = torch.where(content, wid, W - 1)  # non-content positions read a dummy word that is never masked
+        if self.mask_ratio <= 0:
+            return torch.zeros_like(content), torch.zeros_like(content), torch.zeros(B, T, dtype=torch.long)
+        budget = (self.mask_ratio * n_words + 0.5).floor().long()  # (B,) words to mask
+        lengths, m, _ = poisson_spans(budget, self.poisson_lambda, gen)  # (B, S)
+        start = place_spans(n_words, lengths, m, gen)  # (B, S) first word of each span
+        live = torch.arange(lengths.size(1)) < m[:, None]
+        start = torch.where(live, start, W - 1)
+        pos_span = live & (lengths > 0)
+        # Covered words: +1 at each span's first word, -1 just past its last, then a running sum.
+        edge = torch.zeros(B, W + 1, dtype=torch.long)
+        edge.scatter_add_(1, start, pos_span.long()).scatter_add_(1, start + lengths, -pos_span.long())
+        covered = edge.cumsum(1)[:, :W] > 0  # (B, W)
+        opens = torch.zeros(B, W, dtype=torch.bool).scatter_(1, start, pos_span)  # (B, W) span heads
+        ins = torch.zeros(B, W, dtype=torch.long).scatter_add_(1, start, (live & (lengths == 0)).long())
+        masked = covered.gather(1, wid_c)
+        head = word_first & opens.gather(1, wid_c)
+        # A zero-length span at word w inserts before w's first piece; at w = n_words, before `</s>`.
+        n_ins = torch.where(word_first, ins.gather(1, wid_c), 0)
+        n_ins.scatter_add_(1, eos_pos, ins.gather(1, n_words[:, None]))
+        return masked, head, n_ins
+
+    def _finish(self, out: torch.Tensor, total: torch.Tensor, vocab: Vocab, gen: torch.Generator,
+                limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cut sources to `limit` (keeping `</s>`), rotate, pad, and turn a `random_ratio` share of the [MASK]s
+        into random ordinary tokens; returns (input_ids, attention_mask), each (B, S)."""
+        B, S = out.shape
         slot = torch.arange(S)
         if S > limit:  # pathological: more zero-length spans than masked words on a full block; keep `</s>`
             total = total.clamp(max=limit)
@@ -357,7 +385,7 @@ class Denoising:
         """Loss in nats per target token of the best unigram model of the targets: the block tokens
         (unigram-distributed as in the split) plus one `<s>` and one `</s>` per block, their share 2/(n+2)
         estimated from the mean content length n of 4096 fixed blocks."""
-        counts = np.bincount(np.asarray(split.tokens), minlength=vocab.size).astype(np.float64)
+        counts = unigram_counts(split, vocab.size)
         p = counts[counts > 0] / counts.sum()
         h = float(-(p * np.log(p)).sum())
         starts = np.random.default_rng(0).integers(0, split.n_sents, 4096)

@@ -1,7 +1,8 @@
 """Masked language modelling with next-sentence prediction (BERT, Devlin et al. 2019) and its RoBERTa
 variant (Liu et al. 2019), computed on the fly (dynamic masking) from the token cache.
 
-BERT (`nsp = true`), after google-research/bert's `create_pretraining_data.py` (REFERENCES.md, B):
+BERT (`nsp = true`), after google-research/bert `create_pretraining_data.py` (`create_instances_from_document`,
+`truncate_seq_pair`, `create_masked_lm_predictions`):
   - a target length of max_len - 3, or with probability `short_seq_prob` a uniform one in [2, max_len - 3];
   - a start sentence in a document; consecutive sentences of that document are gathered into a chunk
     until it reaches the target or the document ends; A = the first k sentences, k uniform in
@@ -33,7 +34,8 @@ Masking (both): candidates are the real, non-special pieces (never [CLS], [SEP],
     u < mask_frac + random_frac -> random, else unchanged. This is the same as the conditional draws of
     the references (of the non-[MASK] rest, random with probability random_frac / (1 - mask_frac)).
     Random pieces come from the ordinary (non-special) pieces only; the references can draw [CLS],
-    [MASK], <pad>... here (REFERENCES.md, pitfalls).
+    [MASK], <pad>... here (BERT's `create_masked_lm_predictions` draws from the whole vocabulary, and so does
+    transformers' `DataCollatorForLanguageModeling.torch_mask_tokens` with `torch.randint(len(tokenizer))`).
   - labels = the original piece at selected positions, IGNORE_INDEX elsewhere.
 
 Deliberate deviations from create_pretraining_data.py (documented here, tested in tests/test_mlm.py):
@@ -56,20 +58,23 @@ by its global count (selected positions; sequences).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from objectives.base import IGNORE_INDEX, Arch, Batch, Framing, Terms, ce_terms
+from models.config import Arch
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, unigram_counts
 from objectives.clm import stream_windows
-from pretrain.data import TokenSplit
 from pretrain.errors import UserError
-from pretrain.tokenizer import Vocab
+
+if TYPE_CHECKING:
+    from pretrain.data import TokenSplit
+    from pretrain.tokenizer import Vocab
 
 
 @dataclass(frozen=True)
-class MaskedLM:
+class MaskedLM(Objective):
     """BERT's masked LM (+ next-sentence prediction), or RoBERTa's with `nsp = false`."""
 
     mask_prob: float = 0.15  # fraction of the maskable pieces selected for prediction
@@ -99,8 +104,9 @@ class MaskedLM:
         if not 0.0 <= self.short_seq_prob <= 1.0:
             raise UserError(f"objective.short_seq_prob must be in [0, 1], got {self.short_seq_prob}")
 
-    # `arch` and `loss_terms` depend on `nsp`, so they are properties rather than ClassVars; the trainer
-    # reads them from the instance.
+    # `arch` and `loss_terms` depend on `nsp`, so they are properties rather than ClassVars; everything reads
+    # them from the instance. Sequences are seq_len tokens long, specials included (the default
+    # `positions_needed`), and no special piece is ever a target (the default `special_targets`).
     @property
     def arch(self) -> Arch:
         """An encoder with BERT's MLM head; segment embeddings and a 2-way [CLS] classifier for NSP."""
@@ -117,10 +123,6 @@ class MaskedLM:
     def framing(self, vocab: Vocab) -> Framing:
         """`[CLS] text [SEP]` with NSP (segment A alone), `<s> text </s>` for RoBERTa packing."""
         return Framing((vocab.cls,), (vocab.sep,)) if self.nsp else Framing((vocab.bos,), (vocab.eos,))
-
-    def positions_needed(self, seq_len: int) -> int:
-        """Sequences are seq_len tokens long, specials included."""
-        return seq_len
 
     def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
         """Sentence pairs (NSP) or full-sentence blocks, then dynamic masking. Pure given `gen`."""
@@ -197,7 +199,7 @@ class MaskedLM:
 
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Masked-token accuracy of always predicting the most frequent maskable piece."""
-        counts = np.bincount(np.asarray(split.tokens), minlength=vocab.size)[: vocab.size].astype(np.float64)
+        counts = unigram_counts(split, vocab.size)
         counts[vocab.special] = 0
         total = counts.sum()
         return {"majority_acc": float(counts.max() / total)} if total > 0 else {}
@@ -247,14 +249,7 @@ def _sentence_pairs(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: in
     b0 = np.where(not_next, rb0, a1)
     b1 = np.where(not_next, rb1, c1)
 
-    # truncate_seq_pair: one token at a time from the longer (ties: B) until the pair fits in M; the
-    # final lengths in closed form, and the front/back split of each removal count ~ Binomial(r, 0.5).
-    la, lb = a1 - a0, b1 - b0
-    over = la + lb > M
-    la2 = np.where(over, np.minimum(la, np.maximum(M - lb, (M + 1) // 2)), la)
-    lb2 = np.where(over, np.minimum(lb, M - la2), lb)
-    removed = torch.from_numpy(np.stack([la - la2, lb - lb2], 1).astype(np.float64))  # (B, 2)
-    front = torch.binomial(removed, torch.full_like(removed, 0.5), generator=gen).numpy().astype(np.int64)
+    la2, lb2, front = _truncate_pair(a1 - a0, b1 - b0, M, gen)
     a0 = a0 + front[:, 0]
     b0 = b0 + front[:, 1]
 
@@ -273,6 +268,18 @@ def _sentence_pairs(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: in
         "token_type_ids": torch.from_numpy(((j >= la2 + 2) & (j <= la2 + lb2 + 2)).astype(np.int64)),
         "next_sentence_label": torch.from_numpy(not_next.astype(np.int64)),  # 0 = IsNext, 1 = NotNext
     }
+
+
+def _truncate_pair(la: np.ndarray, lb: np.ndarray, M: int, gen: torch.Generator):
+    """BERT's `truncate_seq_pair`: one token at a time from the longer segment (ties: B) until the pair fits
+    in M. Returns the final lengths (B,) in closed form and the tokens cut from the front of each segment
+    (B, 2): the front/back split of each removal count is Binomial(r, 0.5)."""
+    over = la + lb > M
+    la2 = np.where(over, np.minimum(la, np.maximum(M - lb, (M + 1) // 2)), la)
+    lb2 = np.where(over, np.minimum(lb, M - la2), lb)
+    removed = torch.from_numpy(np.stack([la - la2, lb - lb2], 1).astype(np.float64))  # (B, 2)
+    front = torch.binomial(removed, torch.full_like(removed, 0.5), generator=gen).numpy().astype(np.int64)
+    return la2, lb2, front
 
 
 def _full_sentences(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int) -> Batch:

@@ -9,7 +9,8 @@ Span corruption, for encoder input length L_in = `data.seq_len`:
    (noise = round(n * density), spans = round(noise / mean_span), half-to-even, +1 for `</s>`); the targets
    are noise + spans + 1 long. 512 -> n = 568 (85 noise tokens in 28 spans), targets 114.
 2. Windows of n tokens from the document stream joined with *no separator*, as T5's
-   `reduce_concat_tokens` does (REFERENCES.md C). We keep that: a window may cross a document boundary
+   `reduce_concat_tokens` does (`t5/data/preprocessors.py`; the C4 task in `t5/data/tasks.py` runs it before
+   `split_tokens`). We keep that: a window may cross a document boundary
    unmarked, exactly as in T5's C4 pipeline.
 3. Noise mask: noise and non-noise tokens are each split into `spans` positive parts by a uniform random
    composition (not Poisson) and interleaved non-noise, noise, ..., so the mask starts with non-noise and
@@ -38,15 +39,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
-from objectives.base import IGNORE_INDEX, Arch, Batch, Framing, Terms, ce_terms, shift_right
-from pretrain.data import TokenSplit
+from models.config import Arch
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, shift_right, unigram_counts
 from pretrain.errors import UserError
-from pretrain.tokenizer import N_SENTINELS, Vocab
+from pretrain.tokenizer import N_SENTINELS
+
+if TYPE_CHECKING:
+    from pretrain.data import TokenSplit
+    from pretrain.tokenizer import Vocab
 
 
 def span_counts(n: int, noise_density: float, mean_span: float) -> tuple[int, int]:
@@ -136,13 +141,13 @@ def stream_windows(split: TokenSplit, batch_size: int, length: int, gen: torch.G
 
 def _unigram_entropy(split: TokenSplit, vocab: Vocab) -> float:
     """Entropy in nats of the split's token unigram distribution (the stream has no separators)."""
-    counts = np.bincount(np.asarray(split.tokens), minlength=vocab.size).astype(np.float64)
+    counts = unigram_counts(split, vocab.size)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
 
 @dataclass(frozen=True)
-class SpanCorruption:
+class SpanCorruption(Objective):
     """T5's span corruption: noise spans replaced by sentinels in the encoder input; the decoder writes
     each sentinel followed by the span it hides."""
 
@@ -171,6 +176,18 @@ class SpanCorruption:
     def positions_needed(self, seq_len: int) -> int:
         """The encoder reads seq_len tokens, the decoder noise + spans + 1 (fewer)."""
         return max(seq_len, self.lengths(seq_len)[1])
+
+    def decoder_length(self, seq_len: int) -> int:
+        """Targets are noise + spans + 1 tokens (114 for 512 inputs)."""
+        return self.lengths(seq_len)[1]
+
+    def raw_window(self, seq_len: int) -> int:
+        """The raw window the inputs are cut from (568 for 512 inputs)."""
+        return self.lengths(seq_len)[0]
+
+    def special_targets(self, vocab: Vocab) -> frozenset[int]:
+        """Each span's sentinel and the final `</s>` are predicted, as in T5."""
+        return frozenset({vocab.sentinel(k) for k in range(N_SENTINELS)} | {vocab.eos})
 
     def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
         """batch_size raw windows of n tokens, corrupted: input_ids (B, seq_len), labels and
@@ -220,7 +237,7 @@ class SpanCorruption:
 
 
 @dataclass(frozen=True)
-class PrefixLM:
+class PrefixLM(Objective):
     """T5's prefix LM baseline: the encoder reads a random-length prefix of the window, the decoder
     predicts the rest."""
 
@@ -233,9 +250,16 @@ class PrefixLM:
         """T5: encoder input `text </s>`; the decoder starts with `<pad>`."""
         return Framing((), (vocab.eos,), vocab.pad)
 
-    def positions_needed(self, seq_len: int) -> int:
-        """Encoder inputs are at most seq_len long (prefix + `</s>`); targets at most seq_len - 1."""
-        return seq_len
+    # Encoder inputs are at most seq_len long (prefix + `</s>`), targets at most seq_len - 1: the default
+    # `positions_needed` fits.
+
+    def decoder_length(self, seq_len: int) -> int:
+        """Decoder rows are seq_len - 1 slots (the rest of the window and `</s>`, then padding)."""
+        return seq_len - 1
+
+    def special_targets(self, vocab: Vocab) -> frozenset[int]:
+        """The target ends with `</s>`."""
+        return frozenset({vocab.eos})
 
     def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
         """Windows of n = seq_len - 1 tokens split at k ~ U[1, n-1]: input_ids and attention_mask

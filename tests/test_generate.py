@@ -10,16 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from models.config import ModelConfig
+from models.config import Arch, ModelConfig
 from models.transformer import Transformer
-from objectives.base import Arch
 from pretrain.cli import app
 from pretrain.decoding import (
     CachedStepper,
     PrefixStepper,
     Sampler,
     beam_search,
-    bench_generation,
     generate,
     recompute_stepper,
 )
@@ -28,11 +26,10 @@ from pretrain.generate import (
     TextStream,
     encode_with_specials,
     fill_spans,
-    framing,
     left_pad,
     right_pad,
 )
-from pretrain.tokenizer import MASK, SENTINEL0, Tokenizer, Vocab
+from pretrain.tokenizer import MASK, N_SPECIAL, SENTINEL0, Tokenizer, Vocab
 
 V = 200
 
@@ -79,7 +76,7 @@ def test_cached_logits_equal_full_recomputation(kind, positions):
                 index = torch.tensor([0, 1, 3])
                 cached.reorder(index)
                 full.reorder(index)
-            ids = torch.randint(107, V, (len(index) if t >= 5 else a.size(0),))  # any continuation, not only greedy
+            ids = torch.randint(N_SPECIAL, V, (len(index) if t >= 5 else a.size(0),))  # any continuation, not greedy
             a, b = cached.next(ids), full.next(ids)
             assert (a - b).abs().max() < 1e-5, (t, (a - b).abs().max())
 
@@ -236,12 +233,12 @@ def test_framing_is_read_from_each_objective():
     from objectives import OBJECTIVES
 
     v = Vocab.synthetic(400)
-    assert framing(OBJECTIVES["clm"](), v) == Framing(prefix=(v.eos,))
-    assert framing(OBJECTIVES["mlm"](nsp=True), v) == Framing((v.cls,), (v.sep,))  # [CLS] text [SEP]
-    assert framing(OBJECTIVES["mlm"](nsp=False), v) == Framing((v.bos,), (v.eos,))  # <s> text </s>
-    assert framing(OBJECTIVES["span"](), v) == Framing((), (v.eos,), v.pad)  # T5: text </s>, decoder <pad>
-    assert framing(OBJECTIVES["prefix"](), v) == Framing((), (v.eos,), v.pad)
-    assert framing(OBJECTIVES["denoise"](), v) == Framing((v.bos,), (v.eos,), v.eos)  # BART: decoder </s>
+    assert OBJECTIVES["clm"]().framing(v) == Framing(prefix=(v.eos,))
+    assert OBJECTIVES["mlm"](nsp=True).framing(v) == Framing((v.cls,), (v.sep,))  # [CLS] text [SEP]
+    assert OBJECTIVES["mlm"](nsp=False).framing(v) == Framing((v.bos,), (v.eos,))  # <s> text </s>
+    assert OBJECTIVES["span"]().framing(v) == Framing((), (v.eos,), v.pad)  # T5: text </s>, decoder <pad>
+    assert OBJECTIVES["prefix"]().framing(v) == Framing((), (v.eos,), v.pad)
+    assert OBJECTIVES["denoise"]().framing(v) == Framing((v.bos,), (v.eos,), v.eos)  # BART: decoder </s>
 
 
 def test_options_pick_the_search():
@@ -366,6 +363,8 @@ def test_bad_inputs_give_one_line_and_exit_2(runs, tmp_path):
 
 
 def test_bench_generation_smoke():
+    from benchmarks.generation import bench_generation
+
     res = bench_generation(new_tokens=6, prompt_len=4, device="cpu")
     assert res["same_tokens"] and res["cached_tokens_per_s"] > 0 and res["recompute_tokens_per_s"] > 0
     assert math.isfinite(res["speedup"])

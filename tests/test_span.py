@@ -1,4 +1,4 @@
-"""Tests for objectives/span.py: T5 span corruption and the prefix LM (issue 5's "what it must show")."""
+"""Tests for objectives/span.py: T5 span corruption and the prefix LM, against T5's exact lengths and statistics."""
 
 from __future__ import annotations
 
