@@ -24,7 +24,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check pretrain objectives models tests
+	$(BIN)/ruff check pretrain objectives models benchmarks tests
 
 bench: install
 	$(BIN)/pretrain bench

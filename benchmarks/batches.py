@@ -1,16 +1,14 @@
-"""Benchmarks, each beside the peer it is compared to, in one run (`pretrain bench`).
+"""Batch construction beside the per-example reference peer, in one run (`pretrain bench`).
 
-1. Batch construction: every objective's vectorized `batch` and its per-example reference peer
-   (`objectives/peers.py`: BERT, T5, fairseq, nanoGPT) draw batches of the same shape from the same token
-   cache (the built-in corpus by default) with the same vocabulary, on one thread. Throughput counts the
-   nominal batch, batch_size x seq_len tokens (padding included, identical for both sides, so a denoising
-   batch counts 64 x 512 however its source was padded); span corruption also reports its raw windows,
-   batch_size x 568 at seq_len 512, the length the issue's figure is stated at. Targets are the issues'
-   (4: mlm 5M, 5: span 10M, 6: denoise 5M tokens/s). Beside them, the non-padding share of each side's
-   batches: on short documents (the built-in corpus averages ~60 tokens a docstring) BERT pairs at 512 are
-   mostly padding, and ours and the peer need not fill alike.
-2. Generation (unless turned off): `pretrain.decoding.bench_generation`, 256 new tokens on the tiny
-   recipe's model with the KV cache and with full recomputation each step (issue 7: >= 5x).
+Every objective's vectorized `batch` and its per-example reference peer (`benchmarks/peers.py`: BERT, T5,
+fairseq, nanoGPT) draw batches of the same shape from the same token cache (the built-in corpus by default)
+with the same vocabulary, on one thread. Throughput counts the nominal batch, batch_size x seq_len tokens
+(padding included, identical for both sides, so a denoising batch counts 64 x 512 however its source was
+padded); an objective with a fixed raw window (`Objective.raw_window`: T5 reads 568 raw tokens for 512
+inputs) also reports batch_size x that window. Targets are the speeds we hold ourselves to (mlm 5M, span 10M,
+denoise 5M tokens/s). Beside them, the non-padding share of each side's batches: on short documents (the
+built-in corpus averages ~60 tokens a docstring) BERT pairs at 512 are mostly padding, and ours and the peer
+need not fill alike.
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
-
-GENERATE_TARGET = 5.0  # cached / recomputed speed-up at 256 new tokens (issue 7)
 
 
 def time_fn(make: Callable[[int], Any], seconds: float, warmup: int = 1, min_rounds: int = 3) -> dict:
@@ -50,7 +46,7 @@ def time_batches(objective: Any, split: Any, vocab: Any, batch_size: int, seq_le
 
 
 def time_peer(peer: Callable, split: Any, vocab: Any, batch_size: int, seq_len: int, seconds: float) -> dict:
-    """Mean and best seconds per peer batch (peer(split, vocab, rng, B, T), see objectives/peers.py)."""
+    """Mean and best seconds per peer batch (peer(split, vocab, rng, B, T), see benchmarks/peers.py)."""
     import numpy as np
 
     return time_fn(lambda i: peer(split, vocab, np.random.default_rng(i + 1), batch_size, seq_len), seconds)
@@ -78,14 +74,16 @@ def bench_batches(names: list[str] | None, batch_size: int, seq_len: int, second
     """
     import torch
 
+    from benchmarks.peers import PEERS, TARGETS
     from objectives import OBJECTIVES
-    from objectives.peers import PEERS, TARGETS
     from pretrain.config import DataConfig, objective_class
 
     if split is None or vocab is None:
         from pretrain.data import prepare
 
-        prepared = prepare(DataConfig(source=source or ""), progress=console is not None, console=console)
+        pieces = tuple(dict.fromkeys(p for n in names or OBJECTIVES for p in objective_class(n).special_pieces))
+        prepared = prepare(DataConfig(source=source or ""), extra_pieces=pieces, progress=console is not None,
+                           console=console)
         split, vocab = prepared.cache.split("train"), prepared.tokenizer.vocab
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -97,8 +95,8 @@ def bench_batches(names: list[str] | None, batch_size: int, seq_len: int, second
             peer_fn, peer_name = PEERS.get(name, (None, "—")) if peers else (None, "—")
             peer = time_peer(peer_fn, split, vocab, batch_size, seq_len, seconds) if peer_fn else None
             counts = [(name, batch_size * seq_len)]
-            if hasattr(obj, "lengths"):  # it corrupts raw windows longer than its inputs (T5: 568 for 512)
-                raw = obj.lengths(seq_len)[0]
+            raw = obj.raw_window(seq_len)
+            if raw is not None:  # it corrupts raw windows longer than its inputs (T5: 568 for 512)
                 counts.append((f"{name}, raw {raw}", batch_size * raw))
             for label, n_tok in counts:
                 target = TARGETS.get(name)
@@ -115,33 +113,18 @@ def bench_batches(names: list[str] | None, batch_size: int, seq_len: int, second
     finally:
         torch.set_num_threads(threads)
     if console is not None:
-        from pretrain.metrics import table
-
-        console.print(table(
-            f"batch construction, 1 thread, batch {batch_size} x {seq_len}, tokens/s (mean over >= {seconds:g} s each)",
-            [(r["objective"], r["tokens_per_batch"], _rate(r["ours_tokens_per_s"]), _rate(r["peer_tokens_per_s"]),
-              "—" if r["speedup"] is None else f"{r['speedup']:.1f}x", _rate(r["target"]),
-              {None: "—", True: "yes", False: "NO"}[r["meets"]], _fill(r), r["peer"]) for r in rows],
-            ("objective", "tokens/batch", "ours", "peer", "speed-up", "target", "meets", "non-pad ours/peer",
-             "peer (per example)")))
+        _print(rows, batch_size, seq_len, seconds, console)
     return rows
 
 
-def bench_generate(console: Console | None, new_tokens: int = 256) -> dict:
-    """Generation speed with the KV cache beside full recomputation (pretrain.decoding.bench_generation, one
-    thread on the CPU); prints one table when given a console and returns bench_generation's dict."""
-    from pretrain.decoding import bench_generation
+def _print(rows: list[dict], batch_size: int, seq_len: int, seconds: float, console: Console) -> None:
+    """The table of `bench_batches` rows."""
+    from pretrain.metrics import table
 
-    r = bench_generation(new_tokens=new_tokens, threads=1)
-    if console is not None:
-        from pretrain.metrics import table
-
-        cpu = ", 1 thread" if r["device"] == "cpu" else ""
-        console.print(table(
-            f"generation, {r['new_tokens']} new tokens after {r['prompt_len']}, batch {r['batch_size']}, gpt2-tiny "
-            f"sizes, {r['device']}{cpu}; same tokens: {r['same_tokens']}",
-            [("KV cache", f"{r['cached_tokens_per_s']:.1f}", f"{r['cached_s']:.2f}", f"{r['speedup']:.1f}x",
-              f">= {GENERATE_TARGET:g}x", "yes" if r["speedup"] >= GENERATE_TARGET else "NO"),
-             ("recompute (peer)", f"{r['recompute_tokens_per_s']:.1f}", f"{r['recompute_s']:.2f}", "1.0x", "", "")],
-            ("path", "tokens/s", "seconds", "speed-up", "target", "meets")))
-    return r
+    console.print(table(
+        f"batch construction, 1 thread, batch {batch_size} x {seq_len}, tokens/s (mean over >= {seconds:g} s each)",
+        [(r["objective"], r["tokens_per_batch"], _rate(r["ours_tokens_per_s"]), _rate(r["peer_tokens_per_s"]),
+          "—" if r["speedup"] is None else f"{r['speedup']:.1f}x", _rate(r["target"]),
+          {None: "—", True: "yes", False: "NO"}[r["meets"]], _fill(r), r["peer"]) for r in rows],
+        ("objective", "tokens/batch", "ours", "peer", "speed-up", "target", "meets", "non-pad ours/peer",
+         "peer (per example)")))

@@ -2,31 +2,31 @@
 
 `pretrain bench` times each objective's vectorized `batch` beside one of these, on the same TokenSplit,
 the same batch shape and one thread, so the speed-up it prints is measured, not claimed. Each peer is our
-own straightforward NumPy/Python rendering of the reference algorithm (REFERENCES.md cites the files; no
+own straightforward NumPy/Python rendering of the reference algorithm (the files are named below; no
 code is copied): one example at a time with a Python loop per example, then a collate into the same
 fields our objective returns (int64 torch tensors, Hugging Face names). They are benchmark yardsticks,
 not features: defaults only, nothing configurable beyond what the benchmark and its tests need.
 
-- `peer_mlm_batch`  google-research/bert `create_pretraining_data.py` (REFERENCES.md B): one
+- `peer_mlm_batch`  google-research/bert `create_pretraining_data.py`: one
   `create_instances_from_document` instance per row (chunk of sentences up to the target length, A/B
   split, random-next B from another document with 10 tries, `truncate_seq_pair` one token at a time),
   then `create_masked_lm_predictions`: shuffle the candidate positions (all but [CLS]/[SEP]) and walk
   them in a Python loop, 80% [MASK] / 10% kept / 10% a random id of the *whole* vocabulary, with
   Python's `random.Random` as BERT uses. Rows start at a random sentence of a token-weighted document
   instead of BERT's sequential pass (same per-instance work).
-- `peer_span_batch` T5 `t5/data/preprocessors.py` (REFERENCES.md C) `random_spans_noise_mask` and
-  `noise_span_to_unique_sentinel`/`nonnoise_span_to_unique_sentinel`, per example in NumPy as HF's
-  `run_t5_mlm_flax.py` collator does: a shuffled cut-point indicator per segmentation, cumsums, boolean
-  compaction; `</s>` appended after noising. The window length comes from our `span_lengths`, which is
-  T5's `random_spans_helper` in closed form (568 raw tokens for 512 inputs).
-- `peer_denoise_batch` fairseq `data/denoising_dataset.py` (REFERENCES.md D), BART's final setting (mask
+- `peer_span_batch` google-research/text-to-text-transfer-transformer `t5/data/preprocessors.py`:
+  `random_spans_noise_mask` and `noise_span_to_unique_sentinel`/`nonnoise_span_to_unique_sentinel`, per
+  example in NumPy as HF's `run_t5_mlm_flax.py` collator does: a shuffled cut-point indicator per
+  segmentation, cumsums, boolean compaction; `</s>` appended after noising. The window length comes from
+  our `span_lengths`, which is T5's `random_spans_helper` in closed form (568 raw tokens for 512 inputs).
+- `peer_denoise_batch` fairseq `fairseq/data/denoising_dataset.py` (`DenoisingDataset`), BART's final setting (mask
   0.3, span-poisson lambda 3, replace_length 1, mask_random 0.1, permute 1.0, no insert/rotate):
   `permute_sentences` (a Python loop over sentences), `add_whole_word_mask` (word starts drawn without
   replacement, so spans may overlap and cover ~27% instead of 30%; spans grown one step at a time in a
   while loop; random replacements from [1, V), specials included) and `add_insertion_noise` for
   zero-length spans, then the collater's padding. Blocks of whole sentences from the cache's offsets
   (fairseq cuts them at full-stop tokens).
-- `peer_clm_batch`  nanoGPT `train.py` `get_batch` (REFERENCES.md A): `torch.stack` of per-row slices
+- `peer_clm_batch`  nanoGPT `train.py` `get_batch`: `torch.stack` of per-row slices
   `data[i:i+T]` and `data[i+1:i+1+T]` (nanoGPT's file already holds the end-of-text separators; we slice
   the cache's tokens as they are).
 """
@@ -35,14 +35,17 @@ from __future__ import annotations
 
 import math
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from objectives.base import IGNORE_INDEX
 from objectives.span import span_counts, span_lengths
-from pretrain.data import TokenSplit
-from pretrain.tokenizer import Vocab
+
+if TYPE_CHECKING:
+    from pretrain.data import TokenSplit
+    from pretrain.tokenizer import Vocab
 
 
 def _collate(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
@@ -301,4 +304,4 @@ PEERS = {  # objective name -> (peer function, what it mirrors)
     "denoise": (peer_denoise_batch, "fairseq DenoisingDataset"),
 }
 
-TARGETS = {"mlm": 5e6, "span": 10e6, "denoise": 5e6}  # batch-construction tokens/s on one thread (issues 4, 5, 6)
+TARGETS = {"mlm": 5e6, "span": 10e6, "denoise": 5e6}  # batch-construction tokens/s on one thread we hold to

@@ -11,16 +11,15 @@ every row and can drop or repeat rows (`reorder`). `CachedStepper` runs a Transf
 (only the new token is computed each step; an encoder-decoder's encoder output and cross-attention keys and
 values are computed once); `PrefixStepper` calls any function `logits = f(prefix)` on the whole prefix each
 step, which is both the no-cache reference (full recomputation) and the way to test the search with a
-hand-written scorer. `bench_generation` times the two on the tiny recipe's model.
+hand-written scorer. `benchmarks/generation.py` times the two on the tiny recipe's model.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -271,61 +270,3 @@ def beam_search(stepper: Stepper, batch_size: int, beam: int, max_new: int | lis
         stepper.reorder(index)
         logits = stepper.next(tok.view(-1))
     return Output([ids for _, ids, _ in best], [f for _, _, f in best])
-
-
-# -------------------------------------------------------------------------------------------- benchmark
-def bench_generation(new_tokens: int = 256, prompt_len: int = 16, batch_size: int = 1, device: str | None = None,
-                     threads: int = 1, console: Any = None) -> dict:
-    """Greedy generation speed with the KV cache and with full recomputation each step, on the tiny recipe's
-    model (recipes/gpt2-tiny.toml sizes: 4 layers, d 256, 4 heads, vocab 8000) with a context long enough
-    for the prompt and new_tokens, randomly initialised; `</s>` never stops it. On the CPU it runs on
-    `threads` threads (1 by default: one-token steps are too small to split, and on a shared machine
-    extra threads mostly wait for each other). Returns tokens/s of each path and the speed-up; prints a
-    table when given a console."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    before = torch.get_num_threads()
-    if dev.type == "cpu":
-        torch.set_num_threads(threads)
-    try:
-        res = _bench(new_tokens, prompt_len, batch_size, dev)
-    finally:
-        torch.set_num_threads(before)
-    if console is not None:
-        from pretrain.metrics import table
-
-        console.print(table(f"generation, {new_tokens} new tokens after {prompt_len}, batch {batch_size}, "
-                            f"gpt2-tiny sizes, {dev}" + (f", {threads} thread(s)" if dev.type == "cpu" else ""), res))
-    return res
-
-
-def _bench(new_tokens: int, prompt_len: int, batch_size: int, dev: torch.device) -> dict:
-    from models.config import ModelConfig
-    from models.transformer import Transformer
-    from objectives.base import Arch
-
-    cfg = ModelConfig(n_layers=4, n_heads=4, d_model=256, d_ff=1024, activation="gelu_tanh",
-                      max_len=max(512, prompt_len + new_tokens))
-    torch.manual_seed(0)
-    model = Transformer(cfg, Arch(kind="decoder"), 8000).to(dev).eval()
-    prompt = torch.randint(107, 8000, (batch_size, prompt_len), device=dev)
-    res: dict[str, Any] = {"device": str(dev), "new_tokens": new_tokens, "prompt_len": prompt_len,
-                           "batch_size": batch_size}
-    outs = {}
-    for name, make in (("cached", CachedStepper), ("recompute", recompute_stepper)):
-        with torch.inference_mode():
-            generate(make(model, prompt[:, :4]), batch_size, 4, eos=-1)  # warm-up
-            _sync(dev)
-            t0 = time.perf_counter()
-            outs[name] = generate(make(model, prompt), batch_size, new_tokens, eos=-1)
-            _sync(dev)
-        res[f"{name}_s"] = time.perf_counter() - t0
-        res[f"{name}_tokens_per_s"] = batch_size * new_tokens / res[f"{name}_s"]
-    res["speedup"] = res["cached_tokens_per_s"] / res["recompute_tokens_per_s"]
-    res["same_tokens"] = outs["cached"].tokens == outs["recompute"].tokens
-    return res
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-

@@ -1,4 +1,4 @@
-"""Tests of the benchmark peers (objectives/peers.py) and the side-by-side batch benchmark (pretrain/bench.py).
+"""Tests of the benchmark peers (benchmarks/peers.py) and the side-by-side batch benchmark (benchmarks/batches.py).
 
 The peers must build what our objectives build (same fields, same shapes, the reference's statistics), or
 the speed-ups `pretrain bench` prints compare different work. Splits use unique token ids (id - N_SPECIAL =
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.batches import bench_batches
+from benchmarks.peers import PEERS, peer_clm_batch, peer_denoise_batch, peer_mlm_batch, peer_span_batch
 from objectives import OBJECTIVES
 from objectives.base import IGNORE_INDEX, make_generator
-from objectives.peers import PEERS, peer_clm_batch, peer_denoise_batch, peer_mlm_batch, peer_span_batch
-from pretrain.bench import bench_batches
 from pretrain.data import TokenSplit
 from pretrain.tokenizer import N_SPECIAL, Vocab
 
