@@ -1,21 +1,29 @@
-"""Atomic checkpoints without pickle: safetensors for every tensor, JSON for everything else.
+"""Atomic checkpoints without pickle: safetensors for every tensor, JSON for everything else, and the
+`TrainState` they carry.
 
-A checkpoint is a folder `RUN/checkpoints/step_NNNNNNN/` holding
+A run's checkpoints live in one folder (`RunDir.checkpoints`, i.e. `RUN/checkpoints/`), one `step_NNNNNNN/`
+each, holding
     model.safetensors   the weights (shared/tied tensors handled by safetensors' save_model)
     train.safetensors   optimizer tensors, RNG states, grad-scaler scale
-    state.json          step, tokens seen, optimizer structure and scalars, early-stopping state,
-                        and the architecture fingerprint that a resume must match
+    state.json          the TrainState (step, tokens seen, early-stopping state, elapsed time), the
+                        optimizer's structure and scalars, the grad scaler's state, and the architecture
+                        fingerprint that a resume must match
 It is written into a temporary folder and renamed into place, `state.json` last, so a crash never leaves
-a checkpoint that `latest()` would trust. Only the newest `keep_last` are kept.
+a checkpoint that `latest()` would trust. Only the newest `keep_last` are kept. torchtitan's
+`torchtitan/components/checkpoint.py` works the same way: one owner of what is saved, the train state
+saved like any other state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -23,27 +31,47 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from pretrain.errors import UserError
 
+if TYPE_CHECKING:
+    from pretrain.runtime import Engine
+
 PREFIX = "step_"
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+@dataclass
+class TrainState:
+    """The progress of a training run: what a checkpoint saves beside the weights and optimizer, and what a
+    resume continues from."""
+
+    step: int = 0  # optimizer steps taken
+    tokens: int = 0  # input tokens seen, all ranks
+    best_val: float = math.inf  # best validation loss so far (early stopping)
+    bad_evals: int = 0  # evaluations since the best one (early stopping)
+    elapsed: float = 0.0  # seconds of training so far, over every session of the run
+
+    @classmethod
+    def from_json(cls, saved: Any, where: Path) -> TrainState:
+        """The state saved in a checkpoint's state.json; UserError naming the file when it is malformed."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(saved, dict) or any(not isinstance(saved.get(k), (int, float)) for k in names):
+            raise UserError(f"checkpoint {where} is corrupted (state.json lacks a numeric {', '.join(names)}); "
+                            "delete that checkpoint folder to fall back to an older one")
+        return cls(**{k: type(getattr(cls(), k))(saved[k]) for k in names})
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a folder without state.json is ignored)."""
-    d = checkpoint_dir(run_dir)
-    if not d.is_dir():
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints in the folder `root`, oldest first (a folder without state.json is ignored)."""
+    root = Path(root)
+    if not root.is_dir():
         return []
-    found = [p for p in d.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def latest(run_dir: Path) -> Path:
-    """The newest complete checkpoint; a UserError when the run has none."""
-    found = list_checkpoints(run_dir)
+def latest(root: Path) -> Path:
+    """The newest complete checkpoint in `root`; a UserError when there is none."""
+    found = list_checkpoints(root)
     if not found:
-        raise UserError(f"{run_dir} has no checkpoint (no {checkpoint_dir(run_dir)}/{PREFIX}*/state.json); "
+        raise UserError(f"{Path(root).parent} has no checkpoint (no {root}/{PREFIX}*/state.json); "
                         "give the folder of a run that saved one")
     return found[-1]
 
@@ -82,10 +110,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, structure: dict, tens
     optimizer.load_state_dict(sd)
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tensor], state: dict,
+def save(root: Path, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tensor], state: dict,
          keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and prune older ones. Returns its folder."""
-    root = checkpoint_dir(run_dir)
+    """Write checkpoint `step` into the folder `root` atomically and prune older ones. Returns its folder."""
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
@@ -101,7 +129,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, tensors: dict[str, to
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -139,19 +167,19 @@ def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
                         "delete that checkpoint folder to fall back to an older one") from None
 
 
-def restore_training(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any,
-                     fingerprint: dict) -> dict:
-    """Load the newest checkpoint of `run_dir` into model/optimizer/grad scaler/RNG; returns its saved state.
-    A checkpoint whose architecture fingerprint differs from `fingerprint` is a UserError."""
-    path = latest(run_dir)
+def restore_training(root: Path, engine: Engine, fingerprint: dict) -> TrainState:
+    """Load the newest checkpoint in `root` into the engine's model, optimizer and grad scaler and the global
+    RNG; returns its TrainState. A checkpoint whose architecture fingerprint differs is a UserError."""
+    path = latest(root)
     saved = read_state(path)
+    state = TrainState.from_json(saved, path)
     if saved.get("fingerprint") != fingerprint:
-        raise UserError(f"checkpoint {path} was saved by a model of another architecture than {run_dir}/config.json "
-                        "describes; resume it with its own run folder")
-    load_weights(path, model)
+        raise UserError(f"checkpoint {path} was saved by a model of another architecture than the run's "
+                        "config.json describes; resume it with its own run folder")
+    load_weights(path, engine.model)
     tensors = load_tensors(path)
     try:
-        load_optimizer_state(opt, saved["optimizer"], tensors)
+        load_optimizer_state(engine.opt, saved["optimizer"], tensors)
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} has an optimizer state that does not fit this run ({e}); "
                         "resume it with its own run folder") from None
@@ -159,8 +187,8 @@ def restore_training(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Opt
     if torch.cuda.is_available() and "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     if saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
-    return saved
+        engine.scaler.load_state_dict(saved["scaler"])
+    return state
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -171,11 +199,12 @@ def rng_state() -> dict[str, torch.Tensor]:
     return out
 
 
-def save_training(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any, state: dict,
-                  keep_last: int, rng: dict[str, torch.Tensor] | None = None) -> Path:
-    """Checkpoint a training run at `state["step"]`: weights, optimizer, grad scaler and the RNG states
+def save_training(root: Path, engine: Engine, state: TrainState, fingerprint: dict, keep_last: int,
+                  rng: dict[str, torch.Tensor] | None = None) -> Path:
+    """Checkpoint a training run at `state.step` into `root`: weights, optimizer, grad scaler and the RNG states
     (`rng`, default the current ones; the trainer passes those of the step's start on an interrupt)."""
     tensors = dict(rng or rng_state())
-    full = {**state, "optimizer": optimizer_state(opt, tensors),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-    return save(run_dir, state["step"], model, tensors, full, keep_last)
+    full = {**dataclasses.asdict(state), "fingerprint": fingerprint,
+            "optimizer": optimizer_state(engine.opt, tensors),
+            "scaler": engine.scaler.state_dict() if engine.scaler.is_enabled() else None}
+    return save(root, state.step, engine.model, tensors, full, keep_last)

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from pretrain.errors import UserError
 
@@ -77,11 +78,24 @@ def _print_config(cfg: Any, sources: list) -> None:
 # ---------------------------------------------------------------------------------------------- run / eval
 
 
-@app.command()
+class _RegistryHelp(TyperCommand):
+    """A command whose --objective help lists the registered objectives, read from the registry when the help
+    is shown (so `pretrain --help` stays free of torch, which the objectives import)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from objectives import OBJECTIVES
+
+        for p in self.params:
+            if p.name == "objective":
+                p.help = f"{' | '.join(OBJECTIVES)} (see `pretrain objectives`)."
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_RegistryHelp)
 @_friendly
 def run(
-    objective: Annotated[str | None, typer.Option("--objective", "-o", help="clm | mlm | span | prefix | denoise "
-                                                  "(see `pretrain objectives`).")] = None,
+    objective: Annotated[str | None, typer.Option("--objective", "-o", help="A registered objective (see "
+                                                  "`pretrain objectives`).")] = None,
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     out: OutOpt = None,
@@ -100,15 +114,15 @@ def run(
     import dataclasses
 
     from pretrain import checkpoint
-    from pretrain.config import load_run_config
     from pretrain.metrics import table
+    from pretrain.run import RunDir, load_config
     from pretrain.trainer import train
 
     if resume is not None:
         if objective or recipe or data or sets or seed is not None or out or precision or compile_model is not None:
             raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens may change")
-        cfg = load_run_config(resume)
-        checkpoint.latest(resume)  # fail fast when there is nothing to resume
+        cfg = load_config(resume)
+        checkpoint.latest(RunDir(resume).checkpoints)  # fail fast when there is nothing to resume
         budget = {k: v for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens)) if v is not None}
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **budget))
         sources, run_dir = [], resume
@@ -135,28 +149,24 @@ def eval_(
     """Evaluate a run's newest checkpoint; print a table and write RUN_DIR/eval.json."""
     import dataclasses
 
-    from pretrain import checkpoint
-    from pretrain.config import load_run_config
     from pretrain.data import prepare
+    from pretrain.evaluate import evaluate
     from pretrain.metrics import table
-    from pretrain.trainer import build_model, evaluate, setup_runtime
+    from pretrain.run import RunDir, load, write_json
+    from pretrain.runtime import setup_runtime
 
     if split not in ("valid", "train"):
         raise UserError(f"--split must be 'valid' or 'train', got '{split}'")
-    cfg = load_run_config(run_dir)
-    path = checkpoint.latest(run_dir)
-    data_cfg = dataclasses.replace(cfg.data, tokenizer=str(run_dir / "tokenizer.model"),
-                                   **({"source": data} if data is not None else {}))
+    cfg, _, model, path = load(run_dir)
+    run = RunDir(run_dir)
+    source = {"source": data} if data is not None else {}
+    data_cfg = dataclasses.replace(cfg.data, tokenizer=str(run.tokenizer), **source)
     cfg = dataclasses.replace(cfg, data=data_cfg)
-    prepared = prepare(data_cfg, progress=True, console=console)
-    rt = setup_runtime(cfg.train)
-    model = build_model(cfg, prepared.tokenizer.vocab.size).to(rt.device)
-    checkpoint.load_weights(path, model)
-    res = evaluate(model, cfg, prepared.cache.split(split), prepared.tokenizer.vocab, rt, batches)
+    prepared = prepare(data_cfg, extra_pieces=cfg.objective.special_pieces, progress=True, console=console)
+    res = evaluate(model, cfg, prepared.cache.split(split), prepared.tokenizer.vocab, setup_runtime(cfg.train),
+                   batches)
     res = {"checkpoint": path.name, "split": split, "data": data_cfg.source or "built-in corpus", **res}
-    tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, run_dir / "eval.json")
+    write_json(run.eval, res)
     console.print(table(f"eval of {run_dir} ({cfg.objective.name}, {path.name}, {split})", res))
 
 
@@ -175,7 +185,7 @@ def prepare(
     from pretrain.metrics import table
 
     cfg, _ = _resolve(recipe, None, data, None, sets)
-    prepared = prepare_data(cfg.data, progress=True, console=console)
+    prepared = prepare_data(cfg.data, extra_pieces=cfg.objective.special_pieces, progress=True, console=console)
     stats = prepared.stats
     splits = [k for k in ("train", "valid") if isinstance(stats.get(k), dict)]
     rows = [(k, *(stats[s].get(k, "") for s in splits), stats.get(k, "")) for k in ("documents", "sentences", "tokens",
@@ -262,14 +272,15 @@ def bench(
 ) -> None:
     """Our throughput beside the reference peer's, one thread: batch construction per objective (vs BERT, T5,
     fairseq, nanoGPT per-example code) and KV-cached generation (vs recomputing every step)."""
-    from pretrain.bench import bench_batches, bench_generate
+    from benchmarks.batches import bench_batches
+    from benchmarks.generation import bench_generation, print_generation
 
     if batch_size < 1 or seq_len < 8 or seconds <= 0:
         raise UserError(f"need --batch-size >= 1, --seq-len >= 8 and --seconds > 0; got {batch_size}, {seq_len}, "
                         f"{seconds}")
     bench_batches(objective or None, batch_size, seq_len, seconds, data, console)
     if generate:
-        bench_generate(console)
+        print_generation(bench_generation(), console)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -306,7 +317,7 @@ def generate(
 
     import torch
 
-    from pretrain.generate import DecodeOptions, TextStream, encode_prompts, generate_batch, load_run
+    from pretrain.generate import DecodeOptions, encode_prompts, load_run, show_batched, show_stream
 
     if (prompt is None) == (prompts is None):
         raise UserError("give exactly one of --prompt TEXT or --prompts FILE")
@@ -315,9 +326,8 @@ def generate(
     texts = [prompt] if prompt is not None else [ln for ln in prompts.read_text().splitlines() if ln.strip()]
     if not texts:
         raise UserError(f"{prompts} holds no prompt; write one per line")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    opts = DecodeOptions(max_new_tokens, beam, length_penalty, sample, temperature, top_k, top_p, seed, min_new_tokens)
+    opts = DecodeOptions(max_new_tokens, beam, length_penalty, sample, temperature, top_k, top_p, seed, min_new_tokens,
+                         batch_size)
     r = load_run(run_dir)
     encode_prompts(r, texts)  # refuse a bad run or prompt before printing anything
     gen = None
@@ -325,49 +335,14 @@ def generate(
         seed = seed if seed is not None else random.randrange(2**31)
         gen = torch.Generator().manual_seed(seed)
     notes: list[str] = []
-    seq2seq = r.kind == "encoder-decoder"
     if len(texts) == 1 and opts.beam == 1:  # stream the one prompt's tokens as they come
-        def write(s: str) -> None:
-            console.print(s, end="", markup=False, highlight=False, soft_wrap=True)
-
-        if seq2seq:
-            _labelled("input", texts[0])
-            console.print("[bold]output:[/] ", end="")
-        else:
-            console.print(texts[0], end="", style="bold", markup=False, highlight=False, soft_wrap=True)
-        stream = TextStream(r.tokenizer, write, r.tokenizer.vocab.eos, markers=seq2seq)
-        results = generate_batch(r, texts, opts, gen, stream, notes)
-        console.print()
-        if results[0].filled is not None:
-            _labelled("filled", results[0].filled)
+        show_stream(console, r, texts[0], opts, gen, notes)
     else:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
-        results = [None] * len(texts)
-        for k in range(0, len(order), batch_size):
-            chunk = order[k:k + batch_size]
-            for i, g in zip(chunk, generate_batch(r, [texts[i] for i in chunk], opts, gen, None, notes), strict=True):
-                results[i] = g
-        for i, g in enumerate(results):
-            if len(texts) > 1:
-                console.rule(f"prompt {i + 1}", style="dim")
-            if seq2seq:
-                _labelled("input", g.prompt)
-                _labelled("output", g.text)
-                if g.filled is not None:
-                    _labelled("filled", g.filled)
-            else:
-                console.print(g.prompt, end="", style="bold", markup=False, highlight=False, soft_wrap=True)
-                console.print(g.text, markup=False, highlight=False, soft_wrap=True)
+        show_batched(console, r, texts, opts, gen, notes)
     for note in dict.fromkeys(notes):
         err_console.print(f"note: {note}")
     if gen is not None:
         err_console.print(f"note: sampled with --seed {seed}")
-
-
-def _labelled(label: str, text: str) -> None:
-    """Print `label: text` with the text verbatim (no markup, no wrapping inside the text)."""
-    console.print(f"[bold]{label}:[/] ", end="")
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("fill-mask")

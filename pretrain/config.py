@@ -15,11 +15,14 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from models.config import ModelConfig
 from pretrain.errors import UserError
 from pretrain.tokenizer import MIN_VOCAB_SIZE
+
+if TYPE_CHECKING:
+    from objectives.base import Objective
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -126,7 +129,7 @@ class Config:
     """The whole resolved configuration of a run. `objective` is an objective instance (a frozen dataclass
     from `objectives.OBJECTIVES`), so its hyper-parameters were validated when it was built."""
 
-    objective: Any  # the objective instance; its fields are the [objective] section
+    objective: Objective  # the objective instance; its fields are the [objective] section
     model: ModelConfig = field(default_factory=ModelConfig)  # backbone sizes and switches
     data: DataConfig = field(default_factory=DataConfig)  # text, tokenizer, cache, sequence length
     train: TrainConfig = field(default_factory=TrainConfig)  # optimization loop
@@ -205,7 +208,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _build(cls: type, values: dict, section: str) -> Any:
-    """Construct dataclass `cls` from `values`, rejecting unknown keys and wrong types."""
+    """Construct dataclass `cls` from `values`, rejecting unknown keys and wrong types. `models/` validates
+    with ValueError (it imports nothing from here); that becomes the user's one-line error."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.init]
     for key in values:
@@ -213,18 +217,19 @@ def _build(cls: type, values: dict, section: str) -> Any:
             raise UserError(
                 f"unknown key '{section}.{key}'{_suggest(key, names)}; valid keys: {', '.join(names)}"
             )
-    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    if cls is not ModelConfig:
+        return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
-def _objectives() -> tuple[dict, str]:
-    from objectives import DEFAULT_OBJECTIVE, OBJECTIVES
-
-    return OBJECTIVES, DEFAULT_OBJECTIVE
-
-
-def objective_class(name: str) -> type:
+def objective_class(name: str) -> type[Objective]:
     """The registered objective class called `name`; a UserError listing the choices otherwise."""
-    registry, _ = _objectives()
+    from objectives import OBJECTIVES as registry
+
     if name not in registry:
         choices = sorted(registry)
         raise UserError(
@@ -246,22 +251,13 @@ def config_from_dict(raw: dict, recipe: str = "") -> Config:
             )
         if not isinstance(raw[key], dict):
             raise UserError(f"'{key}' must be a table of keys (e.g. [{key}] in TOML), got {raw[key]!r}")
+    from objectives import DEFAULT_OBJECTIVE
+
     obj_raw = dict(raw.get("objective", {}))
-    _, default_name = _objectives()
-    name = obj_raw.pop("name", default_name)
+    name = obj_raw.pop("name", DEFAULT_OBJECTIVE)
     objective = _build(objective_class(name), obj_raw, "objective")
     sections = {s: _build(cls, raw.get(s, {}), s) for s, cls in SECTIONS.items()}
     return Config(objective=objective, recipe=recipe, **sections)
-
-
-def load_run_config(run_dir: Path) -> Config:
-    """The config a run was trained with (RUN/config.json); a UserError when the folder is not a run."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.json); give the folder `pretrain run` wrote")
-    raw = json.loads(path.read_text())
-    raw.pop("sources", None)
-    return config_from_dict(raw)
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -336,8 +332,9 @@ def resolve(
     sources: dict[str, str] = {}
     raw: dict[str, Any] = {}
     if recipe is None:
-        name = objective or _objectives()[1]
-        recipe = getattr(objective_class(name), "default_recipe", None)
+        from objectives import DEFAULT_OBJECTIVE
+
+        recipe = objective_class(objective or DEFAULT_OBJECTIVE).default_recipe
     if recipe:
         raw = read_recipe(recipe)
         raw.pop("description", None)

@@ -3,8 +3,9 @@ decode (`pretrain/decoding.py`), show the result.
 
 Prompt framing comes from the objective itself, never from its name: each objective's `framing(vocab)` says
 which special tokens surround the encoder input (`[CLS] ... [SEP]`, `<s> ... </s>`, `... </s>`) and which
-token starts the decoder (T5 `<pad>`, BART `</s>`). Decoder-only prompts start with `</s>`, the document
-separator of the causal-LM stream, so the prompt reads as the start of a document.
+token starts the decoder (T5 `<pad>`, BART `</s>`). By default (`Objective.framing`) decoder-only prompts
+start with `</s>`, the document separator of the causal-LM stream, so the prompt reads as the start of a
+document.
 
 Markers. The tokenizer's specials are control pieces that text never produces, so `encode_with_specials` splits
 the prompt on the literal markers `[MASK]` and `<extra_id_N>` and inserts their ids. Spaces right before a
@@ -47,33 +48,14 @@ class Run:
         return self.model.arch.kind
 
 
-def framing(objective: Any, vocab: Any) -> Framing:
-    """The prompt framing of a run's objective (`Objective.framing`); an objective without that hook gets
-    `</s> text` for a decoder (a new document of the causal stream), bare text otherwise, and `<pad>` as the
-    decoder start (T5's convention)."""
-    if hasattr(objective, "framing"):
-        return objective.framing(vocab)
-    if objective.arch.kind == "decoder":
-        return Framing(prefix=(vocab.eos,))
-    return Framing(decoder_start=vocab.pad if objective.arch.kind == "encoder-decoder" else None)
-
-
 def load_run(run_dir: Path, device: str | None = None) -> Run:
-    """Load a run folder's config, tokenizer and newest checkpoint; UserError when any is missing."""
-    from pretrain import checkpoint
-    from pretrain.config import load_run_config
-    from pretrain.tokenizer import Tokenizer
-    from pretrain.trainer import build_model
+    """Load a run folder's config, tokenizer and newest checkpoint (`pretrain.run.load`); UserError when any
+    is missing."""
+    from pretrain.run import load
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    path = checkpoint.latest(run_dir)
-    tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(cfg, tokenizer.size)
-    checkpoint.load_weights(path, model)
-    model.to(dev).eval()
-    return Run(run_dir, cfg, model, tokenizer, framing(cfg.objective, tokenizer.vocab), dev)
+    cfg, tokenizer, model, _ = load(run_dir, device)
+    return Run(Path(run_dir), cfg, model, tokenizer, cfg.objective.framing(tokenizer.vocab),
+               next(model.parameters()).device)
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -149,6 +131,7 @@ class DecodeOptions:
     top_p: float | None = None  # sample from the smallest set with probability >= p (nucleus)
     seed: int | None = None  # sampling seed (None: a fresh one, reported)
     min_new_tokens: int = 0  # `</s>` is not allowed before this many new tokens
+    batch_size: int = 16  # prompts decoded together (`pretrain generate --prompts FILE`)
 
     def __post_init__(self) -> None:
         if self.beam < 1:
@@ -165,6 +148,8 @@ class DecodeOptions:
             raise UserError(f"--min-new-tokens must be >= 0, got {self.min_new_tokens}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
 
     @property
     def sampling(self) -> bool:
@@ -193,7 +178,7 @@ def generate_batch(run: Run, prompts: list[str], opts: DecodeOptions, gen: torch
     tok, model, f = run.tokenizer, run.model, run.framing
     seq2seq, limit = run.kind == "encoder-decoder", model.max_len
     encoded = encode_prompts(run, prompts)
-    rows = [list(f.prefix) + e + list(f.suffix) for e in encoded]
+    rows = [framed(run, e) for e in encoded]
     with torch.inference_mode():
         if seq2seq:
             enc_ids, enc_mask = right_pad(rows, tok.vocab.pad, run.device)
@@ -220,13 +205,18 @@ def generate_batch(run: Run, prompts: list[str], opts: DecodeOptions, gen: torch
     return [_show(run, p, e, o, fin) for p, e, o, fin in zip(prompts, encoded, out.tokens, out.finished, strict=True)]
 
 
+def framed(run: Run, ids: list[int]) -> list[int]:
+    """A prompt's ids with the objective's framing around them: prefix + ids + suffix."""
+    return [*run.framing.prefix, *ids, *run.framing.suffix]
+
+
 def encode_prompts(run: Run, prompts: list[str]) -> list[list[int]]:
     """The prompts' ids without framing (markers become special ids for encoder-decoders); UserError when the
     run cannot generate or a framed prompt is longer than the model's context."""
     require_decoder(run)
-    tok, f, limit = run.tokenizer, run.framing, run.model.max_len
+    tok, limit = run.tokenizer, run.model.max_len
     encoded = [encode_with_specials(tok, p) if run.kind == "encoder-decoder" else tok.encode(p) for p in prompts]
-    longest = max(len(f.prefix) + len(e) + len(f.suffix) for e in encoded)
+    longest = max(len(framed(run, e)) for e in encoded)
     if longest > limit:
         raise UserError(f"a prompt is {longest} tokens long (framing included) but the model's context is {limit} "
                         "tokens; shorten the prompt")
@@ -291,7 +281,7 @@ def fill_mask(run: Run, text: str, top_k: int = 5) -> list[list[tuple[int, float
         raise UserError("the text has no [MASK]; write [MASK] where a token should be predicted")
     if top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
-    ids = list(run.framing.prefix) + encode_with_specials(run.tokenizer, text) + list(run.framing.suffix)
+    ids = framed(run, encode_with_specials(run.tokenizer, text))
     if len(ids) > run.model.max_len:
         raise UserError(f"the text is {len(ids)} tokens long (framing included) but the model's context is "
                         f"{run.model.max_len} tokens; shorten it")
@@ -312,3 +302,52 @@ def top1_text(run: Run, text: str, candidates: list[list[tuple[int, float]]]) ->
     best = iter(row[0][0] for row in candidates)
     ids = [next(best) if i == MASK else i for i in encode_with_specials(run.tokenizer, text)]
     return run.tokenizer.decode(ids, keep_special=True)
+
+
+# ------------------------------------------------------------------------------------------------ showing
+def show_stream(console: Any, run: Run, text: str, opts: DecodeOptions, gen: torch.Generator | None,
+                notes: list[str]) -> None:
+    """Decode one prompt, printing its tokens on `console` as they come (`pretrain generate --prompt`)."""
+    seq2seq = run.kind == "encoder-decoder"
+
+    def write(s: str) -> None:
+        console.print(s, end="", markup=False, highlight=False, soft_wrap=True)
+
+    if seq2seq:
+        _labelled(console, "input", text)
+        console.print("[bold]output:[/] ", end="")
+    else:
+        console.print(text, end="", style="bold", markup=False, highlight=False, soft_wrap=True)
+    stream = TextStream(run.tokenizer, write, run.tokenizer.vocab.eos, markers=seq2seq)
+    results = generate_batch(run, [text], opts, gen, stream, notes)
+    console.print()
+    if results[0].filled is not None:
+        _labelled(console, "filled", results[0].filled)
+
+
+def show_batched(console: Any, run: Run, texts: list[str], opts: DecodeOptions, gen: torch.Generator | None,
+                 notes: list[str]) -> None:
+    """Decode prompts in batches of similar length, then print each result in the prompts' order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+    results: list[Generation] = [None] * len(texts)  # type: ignore[list-item]
+    for k in range(0, len(order), opts.batch_size):
+        chunk = order[k:k + opts.batch_size]
+        for i, g in zip(chunk, generate_batch(run, [texts[i] for i in chunk], opts, gen, None, notes), strict=True):
+            results[i] = g
+    for i, g in enumerate(results):
+        if len(texts) > 1:
+            console.rule(f"prompt {i + 1}", style="dim")
+        if run.kind == "encoder-decoder":
+            _labelled(console, "input", g.prompt)
+            _labelled(console, "output", g.text)
+            if g.filled is not None:
+                _labelled(console, "filled", g.filled)
+        else:
+            console.print(g.prompt, end="", style="bold", markup=False, highlight=False, soft_wrap=True)
+            console.print(g.text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _labelled(console: Any, label: str, text: str) -> None:
+    """Print `label: text` with the text verbatim (no markup, no wrapping inside the text)."""
+    console.print(f"[bold]{label}:[/] ", end="")
+    console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -1,4 +1,5 @@
-"""Running means of (sum, count) terms, metrics.jsonl on disk, and the rich tables on screen."""
+"""Running means of (sum, count) terms, metrics.jsonl on disk, the training progress (`TrainLog`), the rich
+tables on screen, and the matmul peak that MFU is measured against."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from pretrain.checkpoint import TrainState
+    from pretrain.config import Config
+    from pretrain.runtime import Engine
 
 
 class Meter:
@@ -84,3 +92,72 @@ def measure_peak_flops(device: Any, dtype: Any) -> float:
         if time.perf_counter() - t0 > 0.3:
             break
     return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+class TrainLog:
+    """What the training loop reports, in one place: the progress bar, metrics.jsonl (rank 0 only), the
+    interval timing behind tokens/s and MFU, and the figures of the run summary.
+
+    MFU = training FLOPs per input token (`Transformer.flops_per_token`, the decoder length from the
+    objective) x tokens/s per rank / the dense matmul peak measured at start in the run's precision.
+    """
+
+    def __init__(self, cfg: Config, engine: Engine, metrics: Path | None, console: Console, start: int,
+                 horizon: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        rt, tc = engine.rt, cfg.train
+        self.jsonl = JsonlLog(metrics) if metrics is not None else None
+        self.peak = measure_peak_flops(rt.device, rt.amp_dtype)
+        seq_len = cfg.data.seq_len
+        self.flops_per_token = engine.model.flops_per_token(seq_len, cfg.objective.decoder_length(seq_len))
+        self.world, self.log_every, self.accum, self.horizon = rt.world, tc.log_every, tc.grad_accum, horizon
+        self.main_term = next(iter(cfg.objective.loss_terms))
+        self.meter, self.records = Meter(), []  # records: this session's log records, for the summary
+        self.interval_t, self.interval_tok = time.perf_counter(), 0
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not rt.main)
+        self.task = self.progress.add_task(cfg.objective.name, total=horizon, completed=start, info="")
+
+    def __enter__(self) -> TrainLog:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def on_micro(self, step: int):
+        """A callback for micro-batch i (1-based) of optimizer step `step`: long accumulations show life."""
+        return lambda i: self.progress.update(self.task, completed=step + i / self.accum)
+
+    def step(self, state: TrainState, lr: float, grad_norm: float, tokens: int) -> None:
+        """Count a finished step of `tokens` input tokens; every log_every steps (and at the horizon) write
+        a record of the interval's means, learning rate, gradient norm, tokens/s and MFU."""
+        self.interval_tok += tokens
+        if state.step % self.log_every and state.step != self.horizon:
+            return
+        dt = time.perf_counter() - self.interval_t
+        rec = {"step": state.step, "tokens": state.tokens, **self.meter.means(), "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": self.interval_tok / dt,
+               "mfu": self.flops_per_token * self.interval_tok / dt / self.world / self.peak,
+               "elapsed": state.elapsed}
+        if self.jsonl:
+            self.jsonl.write(rec)
+        self.records.append(rec)
+        self.progress.update(self.task, completed=state.step, info=f"loss {rec.get(self.main_term, math.nan):.4f} "
+                             f"lr {lr:.2e} {rec['tokens_per_s']:,.0f} tok/s mfu {rec['mfu']:.1%}")
+        self.meter, self.interval_t, self.interval_tok = Meter(), time.perf_counter(), 0
+
+    def eval(self, state: TrainState, res: dict) -> None:
+        """Write a `split: valid` record and print one line."""
+        if self.jsonl:
+            self.jsonl.write({"step": state.step, "tokens": state.tokens, "split": "valid", **res})
+            self.progress.console.print(f"step {state.step:>6}  valid loss {res['loss']:.4f}  ppl "
+                                        f"{res['perplexity']:.2f}  bits/byte {res['bits_per_byte']:.3f}")
+
+    def summary(self) -> dict:
+        """The training figures of the run summary: last logged loss, mean MFU, the measured peak."""
+        recs = self.records
+        return {"train_loss": (recs[-1] if recs else {}).get(self.main_term, math.nan),
+                "mfu": sum(r["mfu"] for r in recs) / len(recs) if recs else math.nan, "peak_flops": self.peak}

@@ -211,7 +211,7 @@ GOLDEN = Path(__file__).parent / "golden" / "clm_tiny_curve.json"
 
 
 def test_golden_loss_curve(corpus, tmp_path):
-    """DESIGN rule 9: a refactor keeps the tiny run's loss curve. Regenerate deliberately with
+    """A refactor keeps the tiny run's loss curve. Regenerate deliberately with
     PRETRAIN_RECORD_GOLDEN=1 when a change is meant to alter training (and say why in the commit)."""
     import os
 

@@ -12,8 +12,11 @@ from objectives.clm import CausalLM
 from pretrain.config import Config, DataConfig, TrainConfig
 from pretrain.data import TokenSplit
 from pretrain.metrics import Meter
+from pretrain.optim import build_optimizer, lr_factor
+from pretrain.run import build_model
+from pretrain.runtime import Engine, Runtime
 from pretrain.tokenizer import Vocab
-from pretrain.trainer import Runtime, _step, build_model, build_optimizer, lr_factor
+from pretrain.trainer import train_step
 
 V = 300
 
@@ -46,8 +49,8 @@ def test_accumulation_1x8_equals_4x2(clip):
         model = build_model(cfg, V)
         opt = build_optimizer(model, cfg.train, torch.device("cpu"))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        _step(cfg.objective, model, model, opt, scaler, micro, Runtime(torch.device("cpu"), None), cfg.train,
-              Meter())
+        engine = Engine(Runtime(torch.device("cpu"), None), model, model, opt, scaler)
+        train_step(cfg.objective, engine, micro, cfg.train, Meter())
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert (params[0] - params[1]).abs().max().item() < 1e-6
 

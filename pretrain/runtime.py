@@ -1,0 +1,96 @@
+"""Where and how we compute: the device (chosen in one place, `pick_device`), autocast precision, the
+torchrun process group, and the `Engine` a training step acts on.
+
+Device: CUDA if present, else MPS, else CPU, unless `train.device` names one. Distributed: `torchrun` sets
+RANK / WORLD_SIZE / LOCAL_RANK; we join its process group (NCCL on CUDA, gloo otherwise) and never launch
+processes ourselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from pretrain.errors import UserError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from pretrain.config import TrainConfig
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(want: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device for `train.device` = want: auto = CUDA if present, else MPS, else CPU; under torchrun each
+    process takes CUDA device LOCAL_RANK. A named device that is absent is a UserError."""
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA GPU is visible; use --set train.device=auto or cpu")
+    if want == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device = 'mps' but MPS is not available; use --set train.device=auto or cpu")
+    return torch.device(f"cuda:{local_rank}" if want == "cuda" else want)
+
+
+@dataclass
+class Runtime:
+    """Where and how we compute: device, autocast dtype, distributed rank and world size."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None = fp32
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that logs and writes."""
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast on the device, or nothing for fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def setup_runtime(tcfg: TrainConfig) -> Runtime:
+    """Pick the device and join torchrun's process group when there is one."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(tcfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device=device, amp_dtype=AMP_DTYPES[tcfg.precision], rank=rank, world=world)
+
+
+@dataclass
+class Engine:
+    """What a training step acts on: the runtime, the model, the module the forward pass goes through (the
+    model itself, or its DDP / torch.compile wrapper), the optimizer and the grad scaler (enabled for fp16)."""
+
+    rt: Runtime
+    model: torch.nn.Module
+    fwd: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def warn_if_busy(console: Console) -> None:
+    """Warn once when the load average says other work already holds the cores (timings will suffer)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    cores = os.cpu_count() or 1
+    if load > 0.75 * cores:
+        console.print(f"[yellow]warning:[/] load average {load:.1f} on {cores} cores: other work holds the CPU, "
+                      "so this run will be slower than usual")
