@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, os_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pretrain Transformer language models with the classic self-supervised objectives.")
@@ -38,20 +38,28 @@ OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
 
 
 def _friendly(fn):
-    """Turn UserError into one line on stderr and exit code 2 (no traceback)."""
+    """Turn a UserError, or a file-system error (a full disk, a read-only folder, a file where a folder should
+    be), into one line on stderr and exit code 2 (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
-            err_console.print(f"[bold red]error:[/] {e}", markup=True)
+        except (UserError, OSError) as e:
+            print_error(e if isinstance(e, UserError) else os_error(e))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def print_error(e: UserError) -> None:
+    """The one printer of user errors: `error: ` then the message as written (markup escaped), one line."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(str(e).split()))}")
 
 
 def _resolve(recipe: str | None, objective: str | None, data: str | None, seed: int | None, sets: list[str] | None,
@@ -109,20 +117,22 @@ def run(
                                                        "(train.compile).")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder from its "
                                                 "newest checkpoint.")] = None,
+    accept_data_change: Annotated[bool, typer.Option("--accept-data-change", help="With --resume: go on although "
+                                                     "the corpus changed (no longer an exact continuation).")] = False,
 ) -> None:
     """Train a model (tokenizer and token cache are made on the fly); `make run` runs the default."""
     import dataclasses
 
-    from pretrain import checkpoint
     from pretrain.metrics import table
-    from pretrain.run import RunDir, load_config
+    from pretrain.run import load_config
     from pretrain.trainer import train
 
+    if accept_data_change and resume is None:
+        raise UserError("--accept-data-change only applies to --resume")
     if resume is not None:
         if objective or recipe or data or sets or seed is not None or out or precision or compile_model is not None:
             raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens may change")
-        cfg = load_config(resume)
-        checkpoint.latest(RunDir(resume).checkpoints)  # fail fast when there is nothing to resume
+        cfg = load_config(resume)  # the checkpoint and the data are checked by `train` before any work
         budget = {k: v for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens)) if v is not None}
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **budget))
         sources, run_dir = [], resume
@@ -133,7 +143,8 @@ def run(
         run_dir = out or Path("runs") / f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if _is_main_rank():
             _print_config(cfg, sources)
-    summary = train(cfg, run_dir, resume=resume is not None, console=console, sources=sources)
+    summary = train(cfg, run_dir, resume=resume is not None, console=console, sources=sources,
+                    accept_data_change=accept_data_change)
     if _is_main_rank():
         console.print(table(f"run summary ({cfg.objective.name})", summary))
 
@@ -157,6 +168,8 @@ def eval_(
 
     if split not in ("valid", "train"):
         raise UserError(f"--split must be 'valid' or 'train', got '{split}'")
+    if batches < 1:
+        raise UserError(f"--batches must be >= 1, got {batches}")
     cfg, _, model, path = load(run_dir)
     run = RunDir(run_dir)
     source = {"source": data} if data is not None else {}
@@ -218,7 +231,7 @@ def tokenizer_train(
     docs = read_documents(cfg.data)
     # sentence by sentence, exactly as `prepare` trains its tokenizer, so both give the same model
     path = train_tokenizer((s for d in docs for s in split_sentences(d)), out, vocab_size, kind)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
 
 
 # ---------------------------------------------------------------------------------------------- listings
@@ -231,6 +244,7 @@ def objectives_() -> None:
     from dataclasses import fields
 
     from rich.table import Table
+    from rich.text import Text
 
     from objectives import OBJECTIVES
 
@@ -242,7 +256,7 @@ def objectives_() -> None:
         obj = cls()  # the defaults; the arrangement may depend on them (mlm with or without NSP)
         what = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         params = "\n".join(f"{f.name} = {getattr(obj, f.name)!r}" for f in fields(obj)) or "-"
-        t.add_row(f"[bold]{name}[/]", obj.arch.kind, what, params)
+        t.add_row(Text(name, style="bold"), obj.arch.kind, Text(what), Text(params))
     console.print(t)
 
 
@@ -340,7 +354,7 @@ def generate(
     else:
         show_batched(console, r, texts, opts, gen, notes)
     for note in dict.fromkeys(notes):
-        err_console.print(f"note: {note}")
+        err_console.print(f"note: {note}", markup=False)
     if gen is not None:
         err_console.print(f"note: sampled with --seed {seed}")
 

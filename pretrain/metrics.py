@@ -62,13 +62,16 @@ def fmt(value: Any) -> str:
 
 
 def table(title: str, rows: dict[str, Any] | list[tuple], columns: tuple[str, ...] = ("metric", "value")) -> Table:
-    """A two-or-more-column rich table from a dict (metric -> value) or a list of row tuples."""
-    t = Table(title=title, title_justify="left")
+    """A two-or-more-column rich table from a dict (metric -> value) or a list of row tuples. Title and cells
+    are plain text, never markup: a path or value holding `[/x]` prints as written."""
+    from rich.text import Text
+
+    t = Table(title=Text(title), title_justify="left")
     for i, c in enumerate(columns):
         t.add_column(c, justify="left" if i == 0 else "right")
     items = rows.items() if isinstance(rows, dict) else rows
     for row in items:
-        t.add_row(*(fmt(v) for v in row))
+        t.add_row(*(Text(fmt(v)) for v in row))
     return t
 
 
@@ -127,9 +130,15 @@ class TrainLog:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def on_micro(self, step: int):
-        """A callback for micro-batch i (1-based) of optimizer step `step`: long accumulations show life."""
-        return lambda i: self.progress.update(self.task, completed=step + i / self.accum)
+    def on_micro(self, step: int, then=lambda: None):
+        """A callback for micro-batch i (1-based) of optimizer step `step`: long accumulations show life; it
+        calls `then()` after updating the bar."""
+
+        def show(i: int) -> None:
+            self.progress.update(self.task, completed=step + i / self.accum)
+            then()
+
+        return show
 
     def step(self, state: TrainState, lr: float, grad_norm: float, tokens: int) -> None:
         """Count a finished step of `tokens` input tokens; every log_every steps (and at the horizon) write
