@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, os_error
 
 if TYPE_CHECKING:
     from pretrain.runtime import Engine
 
 PREFIX = "step_"
+
+
+class NonFinite(UserError):
+    """Training produced NaN or infinite weights: nothing was saved."""
 
 
 @dataclass
@@ -58,13 +63,38 @@ class TrainState:
         return cls(**{k: type(getattr(cls(), k))(saved[k]) for k in names})
 
 
+STEP_DIR = re.compile(rf"{PREFIX}(\d+)")
+
+
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints in the folder `root`, oldest first (a folder without state.json is ignored)."""
+    """Complete checkpoints in the folder `root`, oldest first: `step_N` folders holding a state.json (a folder
+    without it is an unfinished write; any other name, a copy such as `step_best`, is not ours: `strays`)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def strays(root: Path) -> list[Path]:
+    """Entries of `root` that are neither checkpoints nor our temporary folders: ignored, worth a warning."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not STEP_DIR.fullmatch(p.name) and not p.name.startswith(".tmp-"))
+
+
+def remove_stale_tmp(root: Path) -> None:
+    """Delete temporary checkpoint folders (`.tmp-step_N-PID`) left by writes that were killed: their process
+    is gone. A checkpoint's size each, so they must not pile up."""
+    root = Path(root)
+    for p in root.glob(".tmp-*") if root.is_dir() else ():
+        try:
+            os.kill(int(p.name.rsplit("-", 1)[-1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):  # not our name, or a live process of another user
+            pass
 
 
 def latest(root: Path) -> Path:
@@ -112,23 +142,33 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, structure: dict, tens
 
 def save(root: Path, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tensor], state: dict,
          keep_last: int) -> Path:
-    """Write checkpoint `step` into the folder `root` atomically and prune older ones. Returns its folder."""
+    """Write checkpoint `step` into the folder `root` atomically and prune older ones. Returns its folder.
+    A failed write (a full disk, say) leaves nothing behind but the checkpoints that were already trusted, and
+    is a UserError naming the newest of them."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    save_file(tensors, str(tmp / "train.safetensors"))
-    with open(tmp / "state.json.tmp", "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp / "state.json.tmp", tmp / "state.json")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "train.safetensors"))
+        with open(tmp / "state.json.tmp", "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp / "state.json.tmp", tmp / "state.json")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        found = list_checkpoints(root)
+        trusted = (f"the newest trusted checkpoint is {found[-1]} (--resume continues from it)" if found else
+                   "no checkpoint was saved before")
+        why = os_error(e).args[0] if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise UserError(f"writing checkpoint {final} failed ({why}); {trusted}") from None
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -156,6 +196,15 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     if missing or unexpected:
         raise UserError(f"checkpoint {path} was saved by a model of another architecture (missing "
                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); use the run's own config")
+    bad = non_finite(model)
+    if bad:
+        raise UserError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); delete that checkpoint "
+                        "folder to fall back to an older one")
+
+
+def non_finite(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity."""
+    return [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -183,6 +232,9 @@ def restore_training(root: Path, engine: Engine, fingerprint: dict) -> TrainStat
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} has an optimizer state that does not fit this run ({e}); "
                         "resume it with its own run folder") from None
+    if "rng.cpu" not in tensors:
+        raise UserError(f"checkpoint {path} is corrupted (train.safetensors lacks the RNG state rng.cpu); delete "
+                        "that checkpoint folder to fall back to an older one")
     torch.set_rng_state(tensors["rng.cpu"])
     if torch.cuda.is_available() and "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -203,6 +255,9 @@ def save_training(root: Path, engine: Engine, state: TrainState, fingerprint: di
                   rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Checkpoint a training run at `state.step` into `root`: weights, optimizer, grad scaler and the RNG states
     (`rng`, default the current ones; the trainer passes those of the step's start on an interrupt)."""
+    bad = non_finite(engine.model)
+    if bad:  # never call such a checkpoint good: the caller stops the run
+        raise NonFinite(f"the weights are non-finite after step {state.step} ({', '.join(bad[:3])})")
     tensors = dict(rng or rng_state())
     full = {**dataclasses.asdict(state), "fingerprint": fingerprint,
             "optimizer": optimizer_state(engine.opt, tensors),

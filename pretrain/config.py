@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -105,7 +106,10 @@ class TrainConfig:
             "momentum",
         ):
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0", getattr(self, key))
-        _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _check(math.isfinite(self.lr) and self.lr > 0, "train.lr", "must be a finite number > 0", self.lr)
+        _check(0 <= self.seed < 2**63, "train.seed", "must be in [0, 2**63)", self.seed)
+        for key in ("eps", "weight_decay", "clip", "momentum", "min_lr_ratio", "label_smoothing"):
+            _check(math.isfinite(getattr(self, key)), f"train.{key}", "must be finite", getattr(self, key))
         _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
         _check(
             all(0.0 <= b < 1.0 for b in self.betas),

@@ -70,6 +70,13 @@ class RunDir:
         """Whether `pretrain run` already started a run here."""
         return self.config.exists()
 
+    def ours(self, name: str) -> bool:
+        """Whether a top-level entry of the folder is one a run writes (so a restart may remove it)."""
+        return name in OURS or name.startswith(("eval", ".")) and name.endswith((".json", ".tmp"))
+
+
+OURS = {"config.json", "tokenizer.model", "data.json", "metrics.jsonl", "summary.json", "checkpoints"}
+
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and an atomic rename, so a reader never sees half a file."""
@@ -78,24 +85,97 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def create(run: RunDir, cfg: Config, sources: list, tokenizer: Path, data_meta: dict) -> None:
-    """Start a run folder: the resolved config with its sources, the tokenizer and the data's metadata."""
+def create(run: RunDir, cfg: Config, sources: list, tokenizer: Path, cache: Path, data_meta: dict) -> None:
+    """Start a run folder: the resolved config with its sources, the tokenizer and the data's metadata (with
+    the key of the token cache, which a resume compares)."""
     run.path.mkdir(parents=True, exist_ok=True)
     run.config.write_text(json.dumps({**cfg.to_dict(), "sources": sources}, indent=2))
     shutil.copyfile(tokenizer, run.tokenizer)
-    run.data.write_text(json.dumps(data_meta, indent=2, default=str))
+    run.data.write_text(json.dumps({"cache_key": Path(cache).name, **data_meta}, indent=2, default=str))
+
+
+def check_new(run: RunDir) -> str | None:
+    """Make sure a new run may start in `run.path` before any work is done; returns a note when a run there
+    that never saved a checkpoint (and holds only files a run writes) is cleared to start again. A run with
+    checkpoints, a non-empty folder that is no run, a file, or an unwritable place is a UserError."""
+    from pretrain import checkpoint
+
+    p = run.path
+    if not p.exists():
+        _check_creatable(p)
+        return None
+    if not p.is_dir():
+        raise UserError(f"--out {p} is a file, not a folder; choose a new or empty folder")
+    entries = sorted(e.name for e in p.iterdir())
+    if not entries:
+        return None
+    if not run.holds_run():
+        raise UserError(f"--out {p} is a non-empty folder that holds no run ({entries[0]}, ...); choose a new or "
+                        "empty folder, so nothing in it is overwritten")
+    if checkpoint.list_checkpoints(run.checkpoints):
+        raise UserError(f"{p} already holds a run; continue it with --resume {p} or choose another --out")
+    foreign = [e for e in entries if not run.ours(e)]
+    if foreign:
+        raise UserError(f"{p} holds a run that never saved a checkpoint, and {foreign[0]}, which no run wrote; move "
+                        "it away or choose another --out")
+    for name in entries:
+        if (p / name).is_dir():
+            shutil.rmtree(p / name)
+        else:
+            (p / name).unlink()
+    return f"{p} held a run that never saved a checkpoint; it starts again from scratch"
+
+
+def _check_creatable(p: Path) -> None:
+    """UserError unless the folder p could be created: its nearest existing parent is a writable folder."""
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot create {p}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create {p}: {parent} is not writable (read-only or no permission); choose "
+                        "another --out")
+
+
+def keep_metrics_until(run: RunDir, step: int) -> None:
+    """Drop the records after `step` from metrics.jsonl (a resume from checkpoint `step` logs them again)."""
+    if not run.metrics.is_file():
+        return
+    lines = run.metrics.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and _record_step(ln) <= step]
+    if len(kept) != len(lines):
+        tmp = run.metrics.with_name(f".{run.metrics.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, run.metrics)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a torn last line of a killed run: drop it
+        return float("inf")
 
 
 def load_config(run_dir: Path) -> Config:
-    """The config a run was trained with (RUN/config.json); a UserError when the folder is not a run."""
+    """The config a run was trained with (RUN/config.json); a UserError when the folder is not a run or the
+    file is not a config."""
     from pretrain.config import config_from_dict
 
     path = RunDir(run_dir).config
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.json); give the folder `pretrain run` wrote")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); it is not the config `pretrain run` wrote") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} holds a {type(raw).__name__}, not a config; it is not the file `pretrain run` wrote")
     raw.pop("sources", None)
-    return config_from_dict(raw)
+    try:
+        return config_from_dict(raw)
+    except UserError as e:
+        raise UserError(f"{path} is not a valid run config: {e}") from None
 
 
 def fingerprint(cfg: Config, vocab_size: int) -> dict:
@@ -140,8 +220,18 @@ def load(run_dir: Path, device: str | torch.device | None = None) -> Loaded:
     run = RunDir(run_dir)
     cfg = load_config(run.path)
     path = checkpoint.latest(run.checkpoints)
+    warn_strays(run)
     tokenizer = Tokenizer.load(run.tokenizer, cfg.objective.special_pieces)
     model = build_model(cfg, tokenizer.size)
     checkpoint.load_weights(path, model)
     dev = pick_device(cfg.train.device) if device is None else device
     return Loaded(cfg, tokenizer, model.to(dev).eval(), path)
+
+
+def warn_strays(run: RunDir) -> None:
+    """One warning per folder in checkpoints/ that is not a checkpoint (a copy such as step_best): ignored."""
+    from pretrain import checkpoint
+    from pretrain.errors import warn
+
+    for p in checkpoint.strays(run.checkpoints):
+        warn(f"{p} is not a checkpoint folder (step_N); it is ignored")

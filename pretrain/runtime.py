@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -94,3 +96,38 @@ def warn_if_busy(console: Console) -> None:
     if load > 0.75 * cores:
         console.print(f"[yellow]warning:[/] load average {load:.1f} on {cores} cores: other work holds the CPU, "
                       "so this run will be slower than usual")
+
+
+class Interrupts:
+    """Ctrl-C during training, deferred to the points where the run is consistent.
+
+    The first SIGINT only sets `pending`; the loop calls `check()` between micro-batches (before the optimizer
+    step: the checkpoint then holds the steps before, with the RNG as this step began) and once a step is
+    counted (the checkpoint holds that step). Between the optimizer update and the step count a Ctrl-C waits,
+    so a checkpoint never pairs step N with step N+1's weights. A second Ctrl-C stops at once (`forced`), and
+    then nothing is saved. Only the main thread of a single process installs the handler (torchrun sends the
+    signal to every rank, which could not agree on the point to stop).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled, self.pending, self.forced, self._old = enabled, False, False, None
+
+    def __enter__(self) -> Interrupts:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.pending:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt here if Ctrl-C was pressed since the last check."""
+        if self.pending:
+            raise KeyboardInterrupt

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from pretrain.errors import UserError
 from pretrain.evaluate import evaluate
 from pretrain.metrics import Meter, TrainLog
 from pretrain.optim import build_optimizer, set_lr
-from pretrain.runtime import Engine, Runtime, setup_runtime, warn_if_busy
+from pretrain.runtime import Engine, Interrupts, Runtime, setup_runtime, warn_if_busy
 
 if TYPE_CHECKING:
     from pretrain.config import Config, TrainConfig
@@ -70,8 +72,10 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def worker_init(_: int) -> None:
-    """DataLoader workers build batches with one thread each, so they never fight the main process."""
+    """DataLoader workers build batches with one thread each, so they never fight the main process, and leave
+    Ctrl-C to it (the main process stops at a consistent point and shuts them down)."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def target_counts(objective: Objective, batches: list[Batch], rt: Runtime) -> dict[str, torch.Tensor]:
@@ -87,18 +91,27 @@ def target_counts(objective: Objective, batches: list[Batch], rt: Runtime) -> di
 
 
 def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console | None = None,
-          sources: list | None = None) -> dict:
-    """Train `cfg` into `run_dir` (or continue the run there); returns the summary it prints."""
+          sources: list | None = None, accept_data_change: bool = False) -> dict:
+    """Train `cfg` into `run_dir` (or continue the run there); returns the summary it prints. Every check of
+    the run folder happens before any work; `accept_data_change` lets a resume go on after the corpus changed
+    (it is then no longer exact)."""
     console = console or Console()
     rt = setup_runtime(cfg.train)
     run = runs.RunDir(run_dir)
-    if not resume and run.holds_run():
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    if resume:
+        _check_resume(cfg, run, rt.world)
+    elif rt.main and (note := runs.check_new(run)):
+        console.print(f"note: {note}", markup=False)
     if rt.main:
         warn_if_busy(console)
+        ckpt.remove_stale_tmp(run.checkpoints)
     prepared = _prepare(cfg, run, rt, console, resume)
+    if resume:
+        _check_data(run, prepared, accept_data_change, console)
     data = Data(prepared.tokenizer.vocab, prepared.cache.split("train"), prepared.cache.split("valid"))
     engine, state = _start(cfg, run, rt, prepared, resume, sources or [])
+    if resume and rt.main:
+        runs.keep_metrics_until(run, state.step)  # the steps after the checkpoint are logged again
     summary = _loop(cfg, run, engine, state, data, console)
     baseline = cfg.objective.baseline(data.train, data.vocab, cfg.data.seq_len)  # a reference figure beside ours
     summary.update({f"baseline_{k}": v for k, v in baseline.items()})
@@ -109,6 +122,36 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console 
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def _check_resume(cfg: Config, run: runs.RunDir, world: int) -> None:
+    """UserError unless the run has a checkpoint to continue from and something left to do."""
+    if not ckpt.list_checkpoints(run.checkpoints):
+        raise UserError(f"{run.path} holds a run with no checkpoint (it never saved one), so there is nothing to "
+                        f"resume; start it again with `pretrain run --out {run.path}` (it restarts from scratch)")
+    runs.warn_strays(run)
+    path = ckpt.latest(run.checkpoints)
+    state = TrainState.from_json(ckpt.read_state(path), path)
+    tc = cfg.train
+    if state.step >= _horizon(cfg, world) or (tc.max_tokens and state.tokens >= tc.max_tokens):
+        raise UserError(f"the run in {run.path} already finished ({state.step} steps, {state.tokens:,} tokens, "
+                        f"{path.name}); raise --max-steps or --max-tokens to train it further")
+
+
+def _check_data(run: runs.RunDir, prepared: Prepared, accept: bool, console: Console) -> None:
+    """A resume must read the data the run started on: the token cache's key (tokenizer, corpus, options)."""
+    try:
+        key = json.loads(run.data.read_text()).get("cache_key")
+    except (OSError, ValueError, AttributeError):
+        key = None  # no data.json (or an older run without the key): nothing to compare
+    if key is None or key == prepared.cache.path.name:
+        return
+    if not accept:
+        raise UserError(f"the data of {run.path} changed since the run started (its token cache was {key}, now "
+                        f"{prepared.cache.path.name}); restore the corpus, or pass --accept-data-change to go on "
+                        "(the run is then no longer an exact continuation)")
+    console.print(f"note: the data of {run.path} changed since the run started; it goes on with the new data, "
+                  "so it is no longer an exact continuation", markup=False)
 
 
 def _prepare(cfg: Config, run: runs.RunDir, rt: Runtime, console: Console, resume: bool) -> Prepared:
@@ -138,7 +181,7 @@ def _start(cfg: Config, run: runs.RunDir, rt: Runtime, prepared: Prepared, resum
     else:
         state = TrainState()
         if rt.main:
-            runs.create(run, cfg, sources, prepared.tokenizer.path, prepared.cache.meta)
+            runs.create(run, cfg, sources, prepared.tokenizer.path, prepared.cache.path, prepared.cache.meta)
     if rt.world > 1:
         engine.fwd = torch.nn.parallel.DistributedDataParallel(model)
     if cfg.train.compile:
@@ -152,10 +195,9 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
     horizon, start = _horizon(cfg, rt.world), state.step
     batches = _batches(cfg, data, rt, start, horizon)
     log = TrainLog(cfg, engine, run.metrics if rt.main else None, console, start, horizon)
-    save = functools.partial(ckpt.save_training, run.checkpoints, engine, state,
-                             runs.fingerprint(cfg, data.vocab.size), tc.keep_last)
-    stop, last_ckpt, t_start = "max_steps", None, time.perf_counter() - state.elapsed
-    with log:
+    saver = _Saver(cfg, run, engine, state, console)
+    stop, t_start = "max_steps", time.perf_counter() - state.elapsed
+    with log, Interrupts(enabled=rt.world == 1) as ctrl_c:
         while state.step < horizon:
             step = state.step
             if tc.max_tokens and state.tokens >= tc.max_tokens:
@@ -170,29 +212,61 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
             rng = ckpt.rng_state()
             try:
                 gnorm, step_tokens = train_step(obj, engine, [next(batches) for _ in range(tc.grad_accum)], tc,
-                                                log.meter, log.on_micro(step))
+                                                log.meter, log.on_micro(step, then=ctrl_c.check))
             except KeyboardInterrupt:  # checkpoint the steps done (with the RNG as the step began): exact resume
-                last_ckpt = save(rng) if rt.main and state.step > start else last_ckpt
-                if rt.main:
-                    console.print(f"saved {last_ckpt}; continue with --resume {run.path}" if last_ckpt else
-                                  "no step finished since the start, so there is nothing new to resume from")
+                saver.interrupted(None if ctrl_c.forced else rng, start)
                 raise
             if not engine.scaler.is_enabled() and not torch.isfinite(gnorm):
-                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped ({where}); lower train.lr, "
-                                "raise train.warmup_steps or use train.precision=fp32")
+                raise saver.non_finite(f"non-finite loss or gradient at step {step + 1}")
             state.step, state.tokens = state.step + 1, state.tokens + step_tokens
             state.elapsed = time.perf_counter() - t_start
             log.step(state, engine.opt.param_groups[0]["lr"], float(gnorm), step_tokens)
-            if tc.ckpt_every and state.step % tc.ckpt_every == 0 and rt.main:  # maybe checkpoint
-                last_ckpt = save()
+            if ctrl_c.pending:  # pressed during the optimizer update: the step is complete now, save it
+                saver.interrupted(ckpt.rng_state(), start)
+                raise KeyboardInterrupt
+            if tc.ckpt_every and state.step % tc.ckpt_every == 0:  # maybe checkpoint
+                saver.save()
         last_eval = _eval_and_log(engine, cfg, data, state, log)
     state.elapsed = time.perf_counter() - t_start
-    if rt.main and (last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:07d}")):
-        save()
+    if saver.last is None or not saver.last.name.endswith(f"{state.step:07d}"):
+        saver.save()
     return {"steps": state.step, "tokens": state.tokens, "seconds": state.elapsed, "stopped_by": stop,
             "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), **log.summary(),
             **{f"val_{k}": v for k, v in last_eval.items()}, "run_dir": str(run.path)}
+
+
+class _Saver:
+    """Rank 0's checkpoints of a training run and what the loop says about them when it stops early."""
+
+    def __init__(self, cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, console: Console):
+        self.run, self.state, self.console, self.main = run, state, console, engine.rt.main
+        self._save = functools.partial(ckpt.save_training, run.checkpoints, engine, state,
+                                       runs.fingerprint(cfg, engine.model.vocab_size), cfg.train.keep_last)
+        self.last: Path | None = None
+
+    def save(self, rng: dict | None = None) -> None:
+        """Checkpoint the current step (`rng`: the RNG to save, default the current one)."""
+        if not self.main:
+            return
+        try:
+            self.last = self._save(rng)
+        except ckpt.NonFinite as e:
+            raise self.non_finite(str(e)) from None
+
+    def non_finite(self, what: str) -> UserError:
+        """The error that stops a run whose loss, gradients or weights stopped being finite."""
+        where = f"the last good checkpoint is {self.last}" if self.last else "no checkpoint was written yet"
+        return UserError(f"{what}; stopped ({where}); lower train.lr, raise train.warmup_steps or use "
+                         "train.precision=fp32")
+
+    def interrupted(self, rng: dict | None, start: int) -> None:
+        """Ctrl-C: save the finished steps with `rng` (None: a forced stop, nothing consistent to save)."""
+        if rng is not None and self.state.step > start:
+            self.save(rng)
+        if self.main:
+            self.console.print(f"saved {self.last}; continue with --resume {self.run.path}" if self.last else
+                               "no step finished since the start, so there is nothing new to resume from",
+                               markup=False)
 
 
 def _horizon(cfg: Config, world: int) -> int:

@@ -3,13 +3,13 @@
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import TINY, sets, write_corpus
 from typer.testing import CliRunner
 
 from pretrain.cli import app
@@ -17,28 +17,11 @@ from pretrain.cli import app
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = ["model.n_layers=2", "model.n_heads=2", "model.d_model=32", "model.d_ff=64", "model.max_len=32",
-        "data.seq_len=32", "data.vocab_size=420", "train.batch_size=8", "train.warmup_steps=5",
-        "train.eval_batches=2", "train.log_every=2", "train.num_workers=0"]
-
-
-def sets(*items):
-    return [a for item in items for a in ("--set", item)]
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A small English-like corpus: 120 documents of several sentences."""
-    rng = random.Random(0)
-    words = ("the model reads text and learns to predict the next word from the words before it while the "
-             "optimizer lowers the loss step by step until the validation curve stops falling").split()
-    docs = []
-    for _ in range(120):
-        sents = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "."
-                 for _ in range(rng.randint(2, 6))]
-        docs.append(" ".join(sents))
     d = tmp_path_factory.mktemp("corpus")
-    (d / "docs.txt").write_text("\n\n".join(docs) + "\n")
+    write_corpus(d)
     return d
 
 
@@ -158,14 +141,14 @@ def test_bad_resume_and_checkpoints(corpus, tmp_path):
     shutil.copytree(r, mixed)
     shutil.rmtree(mixed / "checkpoints")
     shutil.copytree(other / "checkpoints", mixed / "checkpoints")
-    expect_error(runner.invoke(app, ["run", "--resume", str(mixed)]), "another architecture")
+    expect_error(runner.invoke(app, ["run", "--resume", str(mixed), "--max-steps", "4"]), "another architecture")
     expect_error(runner.invoke(app, ["eval", str(mixed)]), "another architecture")
     # a corrupted weights file
     bad = tmp_path / "bad"
     shutil.copytree(r, bad)
     w = next((bad / "checkpoints").iterdir()) / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
-    expect_error(runner.invoke(app, ["run", "--resume", str(bad)]), "corrupted")
+    expect_error(runner.invoke(app, ["run", "--resume", str(bad), "--max-steps", "4"]), "corrupted")
     expect_error(runner.invoke(app, ["eval", str(bad)]), "corrupted")
 
 
