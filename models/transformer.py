@@ -56,6 +56,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from models.cache import KVCache, padding_mask, self_attention_mask
 from models.config import Arch, ModelConfig
@@ -85,6 +86,7 @@ class Stack(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cross) for _ in range(n_layers))
         self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else None
+        self.checkpointing = False  # activation checkpointing of every block (Transformer.set_activation_checkpointing)
 
     def forward(
         self,
@@ -115,7 +117,9 @@ class Stack(nn.Module):
         rope = rope_angles(pos, cfg.d_model // cfg.n_heads, cfg.rope_theta) if cfg.positions == "rope" else None
         ctx = Context(mask, is_causal, rope, memory, memory_mask)
         for i, block in enumerate(self.blocks):
-            if cache is None:
+            if cache is None and self.checkpointing and torch.is_grad_enabled():
+                x, _, _ = checkpoint(block, x, ctx, use_reentrant=False)  # recomputed in backward, dropout too
+            elif cache is None:
                 x, _, _ = block(x, ctx)
             else:
                 x, cache.self_kv[i], cross_kv = block(x, ctx, cache.self_kv.get(i), cache.cross_kv.get(i))
@@ -186,6 +190,13 @@ class Transformer(nn.Module):
     def stacks(self) -> list[Stack]:
         """The encoder and/or decoder."""
         return [s for s in (self.encoder, self.decoder) if s is not None]
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Keep only each block's input for backward and recompute the rest there (Chen et al. 2016,
+        "Training Deep Nets with Sublinear Memory Cost"; `torch.utils.checkpoint`, non-reentrant, with the RNG
+        state replayed so dropout masks repeat): the same gradients for about a third more compute."""
+        for s in self.stacks():
+            s.checkpointing = on
 
     def init_weights(self) -> None:
         """normal(0, init_std) for linears and embeddings, zero biases, norms at 1; the projections that

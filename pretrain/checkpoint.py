@@ -16,6 +16,7 @@ saved like any other state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.distributed.tensor import DTensor
 
 from pretrain.errors import UserError, os_error
 
@@ -146,22 +148,26 @@ def save(root: Path, step: int, model: torch.nn.Module, tensors: dict[str, torch
     A failed write (a full disk, say) leaves nothing behind but the checkpoints that were already trusted, and
     is a UserError naming the newest of them."""
     root = Path(root)
-    final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    with writing(root, step, tmp) as final:
         save_model(model, str(tmp / "model.safetensors"))
-        save_file(tensors, str(tmp / "train.safetensors"))
-        with open(tmp / "state.json.tmp", "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp / "state.json.tmp", tmp / "state.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        commit(tmp, final, tensors, state)
+    prune(root, keep_last)
+    return final
+
+
+@contextlib.contextmanager
+def writing(root: Path, step: int, tmp: Path, create: bool = True):
+    """Around the write of checkpoint `step` through the temporary folder `tmp` (made here unless `create` is
+    False): yields the final folder; on a file-system error removes `tmp` and raises the UserError that names
+    the newest trusted checkpoint."""
+    final = Path(root) / f"{PREFIX}{step:07d}"
+    try:
+        if create:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        yield final
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         found = list_checkpoints(root)
@@ -169,9 +175,26 @@ def save(root: Path, step: int, model: torch.nn.Module, tensors: dict[str, torch
                    "no checkpoint was saved before")
         why = os_error(e).args[0] if isinstance(e, OSError) else str(e).splitlines()[0]
         raise UserError(f"writing checkpoint {final} failed ({why}); {trusted}") from None
+
+
+def commit(tmp: Path, final: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """Finish a checkpoint written into `tmp`: the other tensors, then state.json (fsynced, last), then the
+    rename that makes it trusted."""
+    save_file(tensors, str(tmp / "train.safetensors"))
+    with open(tmp / "state.json.tmp", "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp / "state.json.tmp", tmp / "state.json")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep only the newest `keep_last` checkpoints."""
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def read_state(ckpt: Path) -> dict:
@@ -183,28 +206,38 @@ def read_state(ckpt: Path) -> dict:
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    """Load model.safetensors into `model` strictly; corrupted or mismatched files are UserErrors."""
+    """Load a checkpoint's weights into an unsharded `model` strictly (model.safetensors, or an FSDP run's
+    shards); corrupted, mismatched or non-finite weights are UserErrors."""
+    from pretrain import sharded
+
     path = ckpt / "model.safetensors"
-    try:
-        missing, unexpected = load_model(model, str(path), strict=False)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint file {path} is corrupted or unreadable ({str(e).splitlines()[0]}); "
-                        "delete that checkpoint folder to fall back to an older one") from None
-    except RuntimeError as e:  # shape mismatch
-        raise UserError(f"checkpoint {path} was saved by a model of another architecture "
-                        f"({str(e).splitlines()[-1].strip()}); use the run's own config") from None
+    if sharded.is_sharded(ckpt):
+        sharded.load_model_shards(ckpt, model)
+        missing = unexpected = ()
+    else:
+        try:
+            missing, unexpected = load_model(model, str(path), strict=False)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"checkpoint file {path} is corrupted or unreadable ({str(e).splitlines()[0]}); "
+                            "delete that checkpoint folder to fall back to an older one") from None
+        except RuntimeError as e:  # shape mismatch
+            raise UserError(f"checkpoint {path} was saved by a model of another architecture "
+                            f"({str(e).splitlines()[-1].strip()}); use the run's own config") from None
     if missing or unexpected:
         raise UserError(f"checkpoint {path} was saved by a model of another architecture (missing "
                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); use the run's own config")
     bad = non_finite(model)
     if bad:
-        raise UserError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); delete that checkpoint "
+        raise UserError(f"checkpoint {ckpt} holds non-finite weights ({', '.join(bad[:3])}); delete that checkpoint "
                         "folder to fall back to an older one")
 
 
 def non_finite(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters holding a NaN or an infinity."""
-    return [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    """Names of the parameters holding a NaN or an infinity (in this rank's shard, for a sharded model)."""
+    def local(p: torch.Tensor) -> torch.Tensor:
+        return p.to_local() if isinstance(p, DTensor) else p
+
+    return [n for n, p in model.named_parameters() if not bool(torch.isfinite(local(p)).all())]
 
 
 def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -217,30 +250,55 @@ def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def restore_training(root: Path, engine: Engine, fingerprint: dict) -> TrainState:
-    """Load the newest checkpoint in `root` into the engine's model, optimizer and grad scaler and the global
-    RNG; returns its TrainState. A checkpoint whose architecture fingerprint differs is a UserError."""
+    """Load the newest checkpoint in `root` into the engine's model, optimizer and grad scaler and this rank's
+    RNG; returns its TrainState. A checkpoint of another architecture, or of another world size when the run's
+    global batch depends on it, is a UserError."""
+    from pretrain import sharded
+
     path = latest(root)
     saved = read_state(path)
     state = TrainState.from_json(saved, path)
     if saved.get("fingerprint") != fingerprint:
         raise UserError(f"checkpoint {path} was saved by a model of another architecture than the run's "
                         "config.json describes; resume it with its own run folder")
-    load_weights(path, engine.model)
+    _check_layout(path, saved, engine)
     tensors = load_tensors(path)
-    try:
-        load_optimizer_state(engine.opt, saved["optimizer"], tensors)
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"checkpoint {path} has an optimizer state that does not fit this run ({e}); "
-                        "resume it with its own run folder") from None
-    if "rng.cpu" not in tensors:
-        raise UserError(f"checkpoint {path} is corrupted (train.safetensors lacks the RNG state rng.cpu); delete "
-                        "that checkpoint folder to fall back to an older one")
-    torch.set_rng_state(tensors["rng.cpu"])
-    if torch.cuda.is_available() and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if sharded.is_sharded(path):
+        sharded.load_shards(path, engine)
+    else:
+        if engine.mode == "fsdp":
+            raise UserError(f"checkpoint {path} holds the whole model, not FSDP shards; resume it with the run's own "
+                            "settings (train.parallel = ddp)")
+        load_weights(path, engine.model)
+        try:
+            load_optimizer_state(engine.opt, saved["optimizer"], tensors)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f"checkpoint {path} has an optimizer state that does not fit this run ({e}); "
+                            "resume it with its own run folder") from None
+    _set_rng(path, tensors, engine.rt.rank)
     if saved.get("scaler"):
         engine.scaler.load_state_dict(saved["scaler"])
     return state
+
+
+def _check_layout(path: Path, saved: dict, engine: Engine) -> None:
+    """A run's batches depend on its world size unless it set train.global_batch (then any world resumes it)."""
+    world = int((saved.get("layout") or {}).get("world", 1))
+    if world != engine.rt.world and not saved.get("global_batch"):
+        raise UserError(f"checkpoint {path} was written by {world} rank(s) and its global batch depends on that; "
+                        f"resume it on {world} (torchrun --nproc_per_node {world}), or start runs with "
+                        "train.global_batch set so that they may move between world sizes")
+
+
+def _set_rng(path: Path, tensors: dict[str, torch.Tensor], rank: int) -> None:
+    """This rank's global RNG state from a checkpoint (rank 0's where the rank has none saved)."""
+    suffix = f".rank{rank}" if f"rng.cpu.rank{rank}" in tensors else ""
+    if f"rng.cpu{suffix}" not in tensors:
+        raise UserError(f"checkpoint {path} is corrupted (train.safetensors lacks the RNG state rng.cpu); delete "
+                        "that checkpoint folder to fall back to an older one")
+    torch.set_rng_state(tensors[f"rng.cpu{suffix}"])
+    if torch.cuda.is_available() and f"rng.cuda{suffix}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"])
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -251,15 +309,26 @@ def rng_state() -> dict[str, torch.Tensor]:
     return out
 
 
-def save_training(root: Path, engine: Engine, state: TrainState, fingerprint: dict, keep_last: int,
-                  rng: dict[str, torch.Tensor] | None = None) -> Path:
-    """Checkpoint a training run at `state.step` into `root`: weights, optimizer, grad scaler and the RNG states
-    (`rng`, default the current ones; the trainer passes those of the step's start on an interrupt)."""
+def save_training(root: Path, engine: Engine, state: TrainState, identity: dict, keep_last: int,
+                  rng: dict[str, torch.Tensor] | None = None) -> Path | None:
+    """Checkpoint a training run at `state.step` into `root`: weights, optimizer, grad scaler and every rank's
+    RNG states (`rng`, default the current ones; the trainer passes those of the step's start on an
+    interrupt), with `identity` ({"fingerprint": what the weights depend on, "global_batch": the run's
+    train.global_batch}). Under torchrun every rank calls it: rank 0 writes, and under FSDP every rank writes
+    its shards. Returns the folder on rank 0. Non-finite weights are never saved (NonFinite, on every rank)."""
+    from pretrain import sharded
+    from pretrain.parallel import all_sum
+
+    rt = engine.rt
     bad = non_finite(engine.model)
-    if bad:  # never call such a checkpoint good: the caller stops the run
-        raise NonFinite(f"the weights are non-finite after step {state.step} ({', '.join(bad[:3])})")
-    tensors = dict(rng or rng_state())
-    full = {**dataclasses.asdict(state), "fingerprint": fingerprint,
-            "optimizer": optimizer_state(engine.opt, tensors),
+    if all_sum([float(len(bad))], rt)[0]:  # every rank stops, whichever shard went bad
+        raise NonFinite(f"the weights are non-finite after step {state.step} ({', '.join(bad[:3]) or 'on a rank'})")
+    tensors = sharded.gather_rng(rng or rng_state(), rt)
+    meta = {**dataclasses.asdict(state), **identity, "layout": {"mode": engine.mode, "world": rt.world},
             "scaler": engine.scaler.state_dict() if engine.scaler.is_enabled() else None}
-    return save(root, state.step, engine.model, tensors, full, keep_last)
+    if engine.mode == "fsdp":
+        return sharded.save_sharded(root, state.step, engine, tensors, meta, keep_last)
+    if not rt.main:
+        return None
+    meta["optimizer"] = optimizer_state(engine.opt, tensors)
+    return save(root, state.step, engine.model, tensors, meta, keep_last)

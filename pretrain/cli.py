@@ -56,10 +56,12 @@ def _friendly(fn):
 
 
 def print_error(e: UserError) -> None:
-    """The one printer of user errors: `error: ` then the message as written (markup escaped), one line."""
+    """The one printer of user errors: `error: ` then the message as written (markup escaped), one line; under
+    torchrun only rank 0 prints (every rank meets the same error)."""
     from rich.markup import escape
 
-    err_console.print(f"[bold red]error:[/] {escape(' '.join(str(e).split()))}")
+    if _is_main_rank():
+        err_console.print(f"[bold red]error:[/] {escape(' '.join(str(e).split()))}")
 
 
 def _resolve(recipe: str | None, objective: str | None, data: str | None, seed: int | None, sets: list[str] | None,

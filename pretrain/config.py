@@ -89,6 +89,11 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (a final one is always written)
     keep_last: int = 2  # checkpoints kept in the run folder
     num_workers: int = 1  # DataLoader worker processes building batches (one thread each)
+    global_batch: int = 0  # sequences per optimizer step over all ranks (0 = batch_size x grad_accum x ranks)
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun: DDP, or FSDP2 sharding (auto = ddp)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    batch_warmup_tokens: int = 0  # ramp the global batch up linearly over this many tokens (GPT-3; 0 = off)
+    batch_warmup_start: int = 32  # sequences per step at the start of the batch ramp
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last"):
@@ -100,6 +105,8 @@ class TrainConfig:
             "patience",
             "ckpt_every",
             "num_workers",
+            "global_batch",
+            "batch_warmup_tokens",
             "weight_decay",
             "clip",
             "label_smoothing",
@@ -108,6 +115,10 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0", getattr(self, key))
         _check(math.isfinite(self.lr) and self.lr > 0, "train.lr", "must be a finite number > 0", self.lr)
         _check(0 <= self.seed < 2**63, "train.seed", "must be in [0, 2**63)", self.seed)
+        _check(self.batch_warmup_start >= 1, "train.batch_warmup_start", "must be >= 1", self.batch_warmup_start)
+        _check(self.global_batch == 0 or self.grad_accum == 1, "train.grad_accum",
+               "must stay 1 when train.global_batch is set (the global batch decides the accumulation)",
+               self.grad_accum)
         for key in ("eps", "weight_decay", "clip", "momentum", "min_lr_ratio", "label_smoothing"):
             _check(math.isfinite(getattr(self, key)), f"train.{key}", "must be finite", getattr(self, key))
         _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)

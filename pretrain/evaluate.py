@@ -24,7 +24,8 @@ EVAL_SEED = 20240101  # fixed: every run evaluates on the same validation batche
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cfg: Config, split: TokenSplit, vocab: Vocab, rt: Runtime,
              n_batches: int) -> dict[str, float]:
-    """Mean of every reported term over `n_batches` fixed-seed batches of `split` (all ranks together), plus
+    """Mean of every reported term over `n_batches` fixed-seed batches of `split` (shared out over the ranks,
+    rounded up to a whole number per rank), plus
     loss (the main loss term), perplexity, bits per byte (total nats of the main loss term / (ln 2 x UTF-8
     bytes of its targets)), and the tokens and bytes evaluated."""
     obj = cfg.objective
@@ -32,9 +33,9 @@ def evaluate(model: torch.nn.Module, cfg: Config, split: TokenSplit, vocab: Voca
     was_training = model.training
     model.eval()
     meter, n_bytes = Meter(), 0
-    for i in range(n_batches):
-        b = obj.batch(split, vocab, make_generator(EVAL_SEED, "eval", i, rt.rank), cfg.train.batch_size,
-                      cfg.data.seq_len)
+    for i in range(-(-n_batches // rt.world)):  # batch g = i x world + rank: the same draws on any number of ranks
+        g = make_generator(EVAL_SEED, "eval", i * rt.world + rt.rank, 0)
+        b = obj.batch(split, vocab, g, cfg.train.batch_size, cfg.data.seq_len)
         labels = b[main_field]
         n_bytes += int(vocab.piece_bytes_t[labels[labels != IGNORE_INDEX]].sum())
         b = {k: v.to(rt.device, non_blocking=True) for k, v in b.items()}

@@ -110,6 +110,7 @@ class TrainLog:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         rt, tc = engine.rt, cfg.train
+        self.rt = rt
         self.jsonl = JsonlLog(metrics) if metrics is not None else None
         self.peak = measure_peak_flops(rt.device, rt.amp_dtype)
         seq_len = cfg.data.seq_len
@@ -147,7 +148,7 @@ class TrainLog:
         if state.step % self.log_every and state.step != self.horizon:
             return
         dt = time.perf_counter() - self.interval_t
-        rec = {"step": state.step, "tokens": state.tokens, **self.meter.means(), "lr": lr, "grad_norm": grad_norm,
+        rec = {"step": state.step, "tokens": state.tokens, **self._means(), "lr": lr, "grad_norm": grad_norm,
                "tokens_per_s": self.interval_tok / dt,
                "mfu": self.flops_per_token * self.interval_tok / dt / self.world / self.peak,
                "elapsed": state.elapsed}
@@ -157,6 +158,14 @@ class TrainLog:
         self.progress.update(self.task, completed=state.step, info=f"loss {rec.get(self.main_term, math.nan):.4f} "
                              f"lr {lr:.2e} {rec['tokens_per_s']:,.0f} tok/s mfu {rec['mfu']:.1%}")
         self.meter, self.interval_t, self.interval_tok = Meter(), time.perf_counter(), 0
+
+    def _means(self) -> dict[str, float]:
+        """The interval's mean of every term over all ranks (every rank calls this at the same steps)."""
+        from pretrain.parallel import all_sum
+
+        keys = list(self.meter.sums)
+        totals = all_sum([self.meter.sums[k] for k in keys] + [self.meter.counts[k] for k in keys], self.rt)
+        return {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
 
     def eval(self, state: TrainState, res: dict) -> None:
         """Write a `split: valid` record and print one line."""

@@ -96,8 +96,8 @@ def create(run: RunDir, cfg: Config, sources: list, tokenizer: Path, cache: Path
 
 def check_new(run: RunDir) -> str | None:
     """Make sure a new run may start in `run.path` before any work is done; returns a note when a run there
-    that never saved a checkpoint (and holds only files a run writes) is cleared to start again. A run with
-    checkpoints, a non-empty folder that is no run, a file, or an unwritable place is a UserError."""
+    never saved a checkpoint and holds only files a run writes: it may be cleared (`clear`) to start again.
+    A run with checkpoints, a non-empty folder that is no run, a file, or an unwritable place is a UserError."""
     from pretrain import checkpoint
 
     p = run.path
@@ -118,12 +118,16 @@ def check_new(run: RunDir) -> str | None:
     if foreign:
         raise UserError(f"{p} holds a run that never saved a checkpoint, and {foreign[0]}, which no run wrote; move "
                         "it away or choose another --out")
-    for name in entries:
-        if (p / name).is_dir():
-            shutil.rmtree(p / name)
-        else:
-            (p / name).unlink()
     return f"{p} held a run that never saved a checkpoint; it starts again from scratch"
+
+
+def clear(run: RunDir) -> None:
+    """Remove what a run wrote into its folder (after `check_new` found only that there)."""
+    for p in run.path.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _check_creatable(p: Path) -> None:
@@ -235,3 +239,36 @@ def warn_strays(run: RunDir) -> None:
 
     for p in checkpoint.strays(run.checkpoints):
         warn(f"{p} is not a checkpoint folder (step_N); it is ignored")
+
+
+def check_resume(run: RunDir, cfg: Config, horizon: int) -> None:
+    """UserError unless the run has a checkpoint to continue from and something left to do by `horizon`."""
+    from pretrain import checkpoint
+
+    if not checkpoint.list_checkpoints(run.checkpoints):
+        raise UserError(f"{run.path} holds a run with no checkpoint (it never saved one), so there is nothing to "
+                        f"resume; start it again with `pretrain run --out {run.path}` (it restarts from scratch)")
+    warn_strays(run)
+    path = checkpoint.latest(run.checkpoints)
+    state = checkpoint.TrainState.from_json(checkpoint.read_state(path), path)
+    tc = cfg.train
+    if state.step >= horizon or (tc.max_tokens and state.tokens >= tc.max_tokens):
+        raise UserError(f"the run in {run.path} already finished ({state.step} steps, {state.tokens:,} tokens, "
+                        f"{path.name}); raise --max-steps or --max-tokens to train it further")
+
+
+def check_same_data(run: RunDir, cache: Path, accept: bool, console: Any) -> None:
+    """A resume must read the data the run started on: the token cache's key (tokenizer, corpus, options);
+    with `accept` it goes on after a change, saying the run is no longer exact."""
+    try:
+        key = json.loads(run.data.read_text()).get("cache_key")
+    except (OSError, ValueError, AttributeError):
+        key = None  # no data.json (or an older run without the key): nothing to compare
+    if key is None or key == Path(cache).name:
+        return
+    if not accept:
+        raise UserError(f"the data of {run.path} changed since the run started (its token cache was {key}, now "
+                        f"{Path(cache).name}); restore the corpus, or pass --accept-data-change to go on (the run "
+                        "is then no longer an exact continuation)")
+    console.print(f"note: the data of {run.path} changed since the run started; it goes on with the new data, "
+                  "so it is no longer an exact continuation", markup=False)

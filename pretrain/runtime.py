@@ -48,6 +48,7 @@ class Runtime:
     amp_dtype: torch.dtype | None  # None = fp32
     rank: int = 0
     world: int = 1
+    local_rank: int = 0  # the rank within this machine (torchrun's LOCAL_RANK)
 
     @property
     def main(self) -> bool:
@@ -64,26 +65,29 @@ class Runtime:
 def setup_runtime(tcfg: TrainConfig) -> Runtime:
     """Pick the device and join torchrun's process group when there is one."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(tcfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(tcfg.device, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device=device, amp_dtype=AMP_DTYPES[tcfg.precision], rank=rank, world=world)
+    return Runtime(device=device, amp_dtype=AMP_DTYPES[tcfg.precision], rank=rank, world=world, local_rank=local)
 
 
 @dataclass
 class Engine:
     """What a training step acts on: the runtime, the model, the module the forward pass goes through (the
-    model itself, or its DDP / torch.compile wrapper), the optimizer and the grad scaler (enabled for fp16)."""
+    model itself, or its DDP / torch.compile wrapper), the optimizer, the grad scaler (enabled for fp16) and
+    how the ranks share the model (pretrain/parallel.py)."""
 
     rt: Runtime
     model: torch.nn.Module
     fwd: torch.nn.Module
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    mode: str = "single"  # single (one process), ddp (replicated) or fsdp (sharded)
 
 
 def warn_if_busy(console: Console) -> None:

@@ -8,19 +8,16 @@ the field named in `objective.loss_terms` that are not IGNORE_INDEX), summed ove
 and all ranks, and every micro-batch's summed loss is divided by that global count before backward. So
 1x8 and 4x2 accumulation give the same update, and so do 1 and N GPUs.
 
-Every batch is a pure function of (seed, step, micro-step, rank) (`objectives.base.make_generator`), and a
-checkpoint stores the weights, optimizer, dropout RNG and the `TrainState`: a resumed run repeats an
-uninterrupted one bit for bit on CPU.
+Every batch is a pure function of (seed, step, global micro-batch index) (pretrain/batches.py: the global
+batch, its split over ranks, the batch ramp), and a checkpoint stores the weights, optimizer, every rank's
+dropout RNG and the `TrainState`: a resumed run repeats an uninterrupted one bit for bit on CPU. Under
+torchrun the model is replicated (DDP) or sharded (FSDP2) over the ranks (pretrain/parallel.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
-import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +27,11 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from objectives.base import IGNORE_INDEX, Batch, Objective, input_tokens, make_generator
+from objectives.base import IGNORE_INDEX, Batch, Objective, input_tokens
 from pretrain import checkpoint as ckpt
+from pretrain import parallel
 from pretrain import run as runs
+from pretrain.batches import BatchPlan, loader
 from pretrain.checkpoint import TrainState
 from pretrain.errors import UserError
 from pretrain.evaluate import evaluate
@@ -55,36 +54,16 @@ class Data:
     valid: TokenSplit
 
 
-class StepBatches(torch.utils.data.Dataset):
-    """Item i is micro-batch (i mod accum) of step (start + i // accum): a pure function of its indices."""
-
-    def __init__(self, cfg: Config, data: Data, rank: int, start: int, steps: int) -> None:
-        self.cfg, self.data, self.rank, self.start, self.steps = cfg, data, rank, start, steps
-
-    def __len__(self) -> int:
-        return self.steps * self.cfg.train.grad_accum
-
-    def __getitem__(self, i: int) -> Batch:
-        tc = self.cfg.train
-        step, micro = divmod(i, tc.grad_accum)
-        gen = make_generator(tc.seed, "train", self.start + step, micro, self.rank)
-        return self.cfg.objective.batch(self.data.train, self.data.vocab, gen, tc.batch_size, self.cfg.data.seq_len)
-
-
-def worker_init(_: int) -> None:
-    """DataLoader workers build batches with one thread each, so they never fight the main process, and leave
-    Ctrl-C to it (the main process stops at a consistent point and shuts them down)."""
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def target_counts(objective: Objective, batches: list[Batch], rt: Runtime) -> dict[str, torch.Tensor]:
-    """Per loss term: targets over all micro-batches and ranks (the one divisor of each term)."""
-    counts = torch.tensor([[float((b[f] != IGNORE_INDEX).sum()) for f in objective.loss_terms.values()]
-                           for b in batches]).sum(0).to(rt.device)
+def target_counts(objective: Objective, batches: list[Batch], rt: Runtime) -> tuple[dict[str, torch.Tensor], int]:
+    """Per loss term, the targets over all micro-batches and ranks (the one divisor of each term), and the
+    input tokens of the step over all ranks: one all-reduce."""
+    per_batch = [[float((b[f] != IGNORE_INDEX).sum()) for f in objective.loss_terms.values()] + [input_tokens(b)]
+                 for b in batches]
+    counts = torch.tensor(per_batch, dtype=torch.float64).sum(0).to(rt.device)
     if rt.world > 1:
         dist.all_reduce(counts)
-    return dict(zip(objective.loss_terms, counts.clamp(min=1), strict=True))
+    terms = dict(zip(objective.loss_terms, counts[:-1].float().clamp(min=1), strict=True))
+    return terms, int(counts[-1])
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -97,19 +76,24 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console 
     (it is then no longer exact)."""
     console = console or Console()
     rt = setup_runtime(cfg.train)
-    run = runs.RunDir(run_dir)
+    run, plan = runs.RunDir(run_dir), BatchPlan.of(cfg, rt.world)
+    mode = parallel.mode_for(cfg.train, rt.world)
     if resume:
-        _check_resume(cfg, run, rt.world)
-    elif rt.main and (note := runs.check_new(run)):
-        console.print(f"note: {note}", markup=False)
+        runs.check_resume(run, cfg, _horizon(cfg, plan))
+    elif note := runs.check_new(run):  # every rank checks, so that all of them stop together
+        if rt.world > 1:
+            dist.barrier()  # every rank has looked before rank 0 clears the old run
+        if rt.main:
+            runs.clear(run)
+            console.print(f"note: {note}", markup=False)
     if rt.main:
         warn_if_busy(console)
         ckpt.remove_stale_tmp(run.checkpoints)
     prepared = _prepare(cfg, run, rt, console, resume)
     if resume:
-        _check_data(run, prepared, accept_data_change, console)
+        runs.check_same_data(run, prepared.cache.path, accept_data_change, console)
     data = Data(prepared.tokenizer.vocab, prepared.cache.split("train"), prepared.cache.split("valid"))
-    engine, state = _start(cfg, run, rt, prepared, resume, sources or [])
+    engine, state = _start(cfg, run, dataclasses.replace(rt), mode, prepared, (resume, sources or []))
     if resume and rt.main:
         runs.keep_metrics_until(run, state.step)  # the steps after the checkpoint are logged again
     summary = _loop(cfg, run, engine, state, data, console)
@@ -124,76 +108,53 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console 
     return summary
 
 
-def _check_resume(cfg: Config, run: runs.RunDir, world: int) -> None:
-    """UserError unless the run has a checkpoint to continue from and something left to do."""
-    if not ckpt.list_checkpoints(run.checkpoints):
-        raise UserError(f"{run.path} holds a run with no checkpoint (it never saved one), so there is nothing to "
-                        f"resume; start it again with `pretrain run --out {run.path}` (it restarts from scratch)")
-    runs.warn_strays(run)
-    path = ckpt.latest(run.checkpoints)
-    state = TrainState.from_json(ckpt.read_state(path), path)
-    tc = cfg.train
-    if state.step >= _horizon(cfg, world) or (tc.max_tokens and state.tokens >= tc.max_tokens):
-        raise UserError(f"the run in {run.path} already finished ({state.step} steps, {state.tokens:,} tokens, "
-                        f"{path.name}); raise --max-steps or --max-tokens to train it further")
-
-
-def _check_data(run: runs.RunDir, prepared: Prepared, accept: bool, console: Console) -> None:
-    """A resume must read the data the run started on: the token cache's key (tokenizer, corpus, options)."""
-    try:
-        key = json.loads(run.data.read_text()).get("cache_key")
-    except (OSError, ValueError, AttributeError):
-        key = None  # no data.json (or an older run without the key): nothing to compare
-    if key is None or key == prepared.cache.path.name:
-        return
-    if not accept:
-        raise UserError(f"the data of {run.path} changed since the run started (its token cache was {key}, now "
-                        f"{prepared.cache.path.name}); restore the corpus, or pass --accept-data-change to go on "
-                        "(the run is then no longer an exact continuation)")
-    console.print(f"note: the data of {run.path} changed since the run started; it goes on with the new data, "
-                  "so it is no longer an exact continuation", markup=False)
-
-
 def _prepare(cfg: Config, run: runs.RunDir, rt: Runtime, console: Console, resume: bool) -> Prepared:
-    """Tokenizer and token cache (rank 0 builds, the others then reuse it); a resume keeps the run's tokenizer."""
+    """Tokenizer and token cache: each node's first rank builds them (once, on a shared file system: the
+    build is atomic and a finished one is reused), the other ranks then reuse them; a resume keeps the run's
+    tokenizer."""
     from pretrain.data import prepare
 
     data_cfg = dataclasses.replace(cfg.data, tokenizer=str(run.tokenizer)) if resume else cfg.data
-    if rt.world > 1 and not rt.main:
+    first = rt.local_rank == 0
+    if rt.world > 1 and not first:
         dist.barrier()
     prepared = prepare(data_cfg, extra_pieces=cfg.objective.special_pieces, progress=rt.main, console=console)
-    if rt.world > 1 and rt.main:
+    if rt.world > 1 and first:
         dist.barrier()
     return prepared
 
 
-def _start(cfg: Config, run: runs.RunDir, rt: Runtime, prepared: Prepared, resume: bool,
-           sources: list) -> tuple[Engine, TrainState]:
-    """The model, optimizer and grad scaler, restored from the newest checkpoint on a resume; a new run
-    folder otherwise. The DDP / compile wrapper goes on last."""
+def _start(cfg: Config, run: runs.RunDir, rt: Runtime, mode: str, prepared: Prepared,
+           resuming: tuple[bool, list]) -> tuple[Engine, TrainState]:
+    """The model (sharded under FSDP), optimizer and grad scaler, restored from the newest checkpoint on a
+    resume; a new run folder otherwise (`resuming` = (resume, the config's sources)). The DDP / compile wrapper
+    goes on last."""
+    resume, sources = resuming
     vocab_size = prepared.tokenizer.vocab.size
     model = runs.build_model(cfg, vocab_size).to(rt.device)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if mode == "fsdp":
+        parallel.shard(model, cfg.train)
+        rt.amp_dtype = None  # FSDP's mixed-precision policy casts the parameters itself
     opt = build_optimizer(model, cfg.train, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.train.precision == "fp16")
-    engine = Engine(rt, model, model, opt, scaler)
+    engine = Engine(rt, model, model, opt, scaler, mode)
     if resume:
         state = ckpt.restore_training(run.checkpoints, engine, runs.fingerprint(cfg, vocab_size))
     else:
         state = TrainState()
         if rt.main:
             runs.create(run, cfg, sources, prepared.tokenizer.path, prepared.cache.path, prepared.cache.meta)
-    if rt.world > 1:
-        engine.fwd = torch.nn.parallel.DistributedDataParallel(model)
-    if cfg.train.compile:
-        engine.fwd = torch.compile(engine.fwd)
+    parallel.wrap(engine, cfg.train.compile)
     return engine, state
 
 
 def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data: Data, console: Console) -> dict:
     """The training loop proper (see the module docstring for the order of one step)."""
     tc, obj, rt = cfg.train, cfg.objective, engine.rt
-    horizon, start = _horizon(cfg, rt.world), state.step
-    batches = _batches(cfg, data, rt, start, horizon)
+    plan = BatchPlan.of(cfg, rt.world)
+    horizon, start = _horizon(cfg, plan), state.step
+    batches = loader(cfg, data, plan, rt, start, horizon)
     log = TrainLog(cfg, engine, run.metrics if rt.main else None, console, start, horizon)
     saver = _Saver(cfg, run, engine, state, console)
     stop, t_start = "max_steps", time.perf_counter() - state.elapsed
@@ -203,7 +164,7 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
             if tc.max_tokens and state.tokens >= tc.max_tokens:
                 stop = "max_tokens"
                 break
-            set_lr(engine.opt, tc, step, horizon)
+            set_lr(engine.opt, tc, plan.lr_clock(step), plan.lr_clock(horizon))
             if tc.eval_every and step % tc.eval_every == 0 and step > start:  # maybe eval
                 _eval_and_log(engine, cfg, data, state, log)
                 if tc.patience and state.bad_evals >= tc.patience:
@@ -211,7 +172,7 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
                     break
             rng = ckpt.rng_state()
             try:
-                gnorm, step_tokens = train_step(obj, engine, [next(batches) for _ in range(tc.grad_accum)], tc,
+                gnorm, step_tokens = train_step(obj, engine, [next(batches) for _ in range(plan.local(step))], tc,
                                                 log.meter, log.on_micro(step, then=ctrl_c.check))
             except KeyboardInterrupt:  # checkpoint the steps done (with the RNG as the step began): exact resume
                 saver.interrupted(None if ctrl_c.forced else rng, start)
@@ -228,7 +189,7 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
                 saver.save()
         last_eval = _eval_and_log(engine, cfg, data, state, log)
     state.elapsed = time.perf_counter() - t_start
-    if saver.last is None or not saver.last.name.endswith(f"{state.step:07d}"):
+    if saver.saved_step != state.step:
         saver.save()
     return {"steps": state.step, "tokens": state.tokens, "seconds": state.elapsed, "stopped_by": stop,
             "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), **log.summary(),
@@ -236,22 +197,26 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
 
 
 class _Saver:
-    """Rank 0's checkpoints of a training run and what the loop says about them when it stops early."""
+    """The checkpoints of a training run (every rank takes part under FSDP; rank 0 alone writes otherwise)
+    and what the loop says about them when it stops early."""
 
     def __init__(self, cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, console: Console):
-        self.run, self.state, self.console, self.main = run, state, console, engine.rt.main
-        self._save = functools.partial(ckpt.save_training, run.checkpoints, engine, state,
-                                       runs.fingerprint(cfg, engine.model.vocab_size), cfg.train.keep_last)
-        self.last: Path | None = None
+        self.run, self.state, self.console = run, state, console
+        self.main, self.world = engine.rt.main, engine.rt.world
+        identity = {"fingerprint": runs.fingerprint(cfg, engine.model.vocab_size),
+                    "global_batch": cfg.train.global_batch}
+        self._save = functools.partial(ckpt.save_training, run.checkpoints, engine, state, identity,
+                                       cfg.train.keep_last)
+        self.last: Path | None = None  # the newest checkpoint saved (on rank 0)
+        self.saved_step = -1  # its step (on every rank: they save together)
 
     def save(self, rng: dict | None = None) -> None:
-        """Checkpoint the current step (`rng`: the RNG to save, default the current one)."""
-        if not self.main:
-            return
+        """Checkpoint the current step (`rng`: this rank's RNG to save, default the current one)."""
         try:
             self.last = self._save(rng)
         except ckpt.NonFinite as e:
             raise self.non_finite(str(e)) from None
+        self.saved_step = self.state.step
 
     def non_finite(self, what: str) -> UserError:
         """The error that stops a run whose loss, gradients or weights stopped being finite."""
@@ -260,8 +225,10 @@ class _Saver:
                          "train.precision=fp32")
 
     def interrupted(self, rng: dict | None, start: int) -> None:
-        """Ctrl-C: save the finished steps with `rng` (None: a forced stop, nothing consistent to save)."""
-        if rng is not None and self.state.step > start:
+        """Ctrl-C: save the finished steps with `rng` (None: a forced stop, nothing consistent to save). Under
+        torchrun every rank stops at its own point, so no collective save is attempted: the newest checkpoint
+        stays the one to resume from."""
+        if rng is not None and self.state.step > start and self.world == 1:
             self.save(rng)
         if self.main:
             self.console.print(f"saved {self.last}; continue with --resume {self.run.path}" if self.last else
@@ -269,46 +236,33 @@ class _Saver:
                                markup=False)
 
 
-def _horizon(cfg: Config, world: int) -> int:
+def _horizon(cfg: Config, plan: BatchPlan) -> int:
     """Optimizer steps the schedule runs for: max_steps, or fewer when the token budget ends first."""
     tc = cfg.train
-    nominal = tc.batch_size * tc.grad_accum * world * cfg.data.seq_len
-    return min(tc.max_steps, math.ceil(tc.max_tokens / nominal)) if tc.max_tokens else tc.max_steps
-
-
-def _batches(cfg: Config, data: Data, rt: Runtime, start: int, horizon: int):
-    """An iterator over the micro-batches of steps start..horizon-1, built in DataLoader workers."""
-    tc = cfg.train
-    loader = torch.utils.data.DataLoader(
-        StepBatches(cfg, data, rt.rank, start, max(0, horizon - start)), batch_size=None,
-        num_workers=tc.num_workers, worker_init_fn=worker_init, pin_memory=rt.device.type == "cuda",
-        prefetch_factor=4 if tc.num_workers else None, generator=torch.Generator().manual_seed(0))
-    return iter(loader)
+    return min(tc.max_steps, plan.steps_for_tokens(tc.max_tokens)) if tc.max_tokens else tc.max_steps
 
 
 def train_step(obj: Objective, engine: Engine, micro: list[Batch], tc: TrainConfig, meter: Meter,
                on_micro=lambda i: None) -> tuple[torch.Tensor, int]:
-    """One optimizer step over the step's micro-batches; returns the gradient norm and the input tokens.
-    `on_micro(i)` is called after micro-batch i (1-based), so long accumulations show progress.
+    """One optimizer step over this rank's micro-batches; returns the global gradient norm and the step's input
+    tokens over all ranks. `on_micro(i)` is called after micro-batch i (1-based), so long accumulations show
+    progress.
 
     A non-finite gradient norm is returned, not stepped on (the caller stops the run); with fp16 the
     GradScaler skips such steps itself and lowers its scale."""
     rt, scaler = engine.rt, engine.scaler
-    counts = target_counts(obj, micro, rt)  # all-reduced before any backward: the one divisor per term
-    tokens = 0
+    counts, tokens = target_counts(obj, micro, rt)  # all-reduced before any backward: the one divisor per term
     for i, mb in enumerate(micro):  # forward, objective loss, backward
         mb = {k: v.to(rt.device, non_blocking=True) for k, v in mb.items()}
-        sync = engine.fwd.no_sync() if rt.world > 1 and i < len(micro) - 1 else contextlib.nullcontext()
-        with sync:
+        with parallel.grad_sync(engine, last=i == len(micro) - 1):
             with rt.autocast():
                 terms = obj.loss(engine.fwd, mb, tc.label_smoothing)
-            loss = sum(terms[t][0] / counts[t] for t in obj.loss_terms) * rt.world  # DDP averages over ranks
+            loss = sum(terms[t][0] / counts[t] for t in obj.loss_terms) * rt.world  # DDP/FSDP average over ranks
             scaler.scale(loss).backward()
         meter.add({k: (s.detach(), n) for k, (s, n) in terms.items()})
-        tokens += input_tokens(mb) * rt.world
         on_micro(i + 1)
     scaler.unscale_(engine.opt)  # clip
-    gnorm = torch.nn.utils.clip_grad_norm_(engine.model.parameters(), tc.clip if tc.clip > 0 else float("inf"))
+    gnorm = parallel.clip(engine, tc.clip if tc.clip > 0 else float("inf"))
     if scaler.is_enabled() or torch.isfinite(gnorm):
         scaler.step(engine.opt)  # optimizer step
         scaler.update()

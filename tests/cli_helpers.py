@@ -28,3 +28,17 @@ def write_corpus(folder: Path, n_docs: int = 120, seed: int = 0) -> Path:
     path = Path(folder) / "docs.txt"
     path.write_text("\n\n".join(docs) + "\n")
     return path
+
+
+def torchrun(args: list[str], nproc: int = 2, script: Path | None = None, timeout: int = 300):
+    """`torchrun --nproc_per_node nproc -m pretrain.cli ARGS` (or `script ARGS`) on gloo, one thread per rank;
+    returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    exe = str(Path(sys.executable).parent / "torchrun")
+    target = [str(script)] if script else ["-m", "pretrain.cli"]
+    return subprocess.run([exe, "--nproc_per_node", str(nproc), *target, *args], capture_output=True, text=True,
+                          cwd=root, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})

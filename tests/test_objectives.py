@@ -138,7 +138,7 @@ def test_the_trainers_target_count_is_the_losss_count(obj, split):
     batch = draw(obj, split)
     model = build_model(config(obj), V)
     terms = obj.loss(model, batch)
-    counts = target_counts(obj, [batch], Runtime(torch.device("cpu"), None))
+    counts, _ = target_counts(obj, [batch], Runtime(torch.device("cpu"), None))
     for term in obj.loss_terms:
         assert float(counts[term]) == float(terms[term][1]) > 0, term
         assert terms[term][0].requires_grad and torch.isfinite(terms[term][0]), term
