@@ -283,6 +283,30 @@ def bench(
         print_generation(bench_generation(), console)
 
 
+# ---------------------------------------------------------------------------------------------- export
+
+
+@app.command("export")
+@_friendly
+def export_(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pretrain run`.")],
+    out: Annotated[Path, typer.Option("--out", help="The Hugging Face folder to write (must not exist or be "
+                                      "empty).")],
+    step: Annotated[int | None, typer.Option("--step", help="Export the checkpoint of step N (default: the "
+                                             "newest).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Write the run's model as a Hugging Face transformers folder (weights, config, tokenizer, model card),
+    checked to give our logits; needs `pip install 'pretrain[hf]'`."""
+    from pretrain.export import export
+
+    card = export(run_dir, out, step, force)
+    diff = ", ".join(f"{k} {v:.1e}" for k, v in card["max_abs_diff"].items())
+    console.print(f"wrote {out}: {card['family']} from {card['checkpoint']} (max abs difference to ours: {diff}); "
+                  f"load it with {card['auto_class']}.from_pretrained(\"{out}\")", markup=False, highlight=False,
+                  soft_wrap=True)
+
+
 # ---------------------------------------------------------------------------------------------- decoding
 
 
