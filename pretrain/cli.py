@@ -109,6 +109,9 @@ def run(
                                                        "(train.compile).")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder from its "
                                                 "newest checkpoint.")] = None,
+    init_from: Annotated[str | None, typer.Option("--init-from", help="Start from the weights of a Hugging Face "
+                                                  "model (a folder from `pretrain export`, or a hub name); its "
+                                                  "config and tokenizer come along.")] = None,
 ) -> None:
     """Train a model (tokenizer and token cache are made on the fly); `make run` runs the default."""
     import dataclasses
@@ -119,7 +122,8 @@ def run(
     from pretrain.trainer import train
 
     if resume is not None:
-        if objective or recipe or data or sets or seed is not None or out or precision or compile_model is not None:
+        if (objective or recipe or data or sets or seed is not None or out or precision or compile_model is not None
+                or init_from):
             raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens may change")
         cfg = load_config(resume)
         checkpoint.latest(RunDir(resume).checkpoints)  # fail fast when there is nothing to resume
@@ -130,10 +134,14 @@ def run(
         cfg, sources = _resolve(recipe, objective, data, seed, sets, **{
             "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.precision": precision,
             "train.compile": compile_model})
+        if init_from is not None:  # the model config and tokenizer come from the Hugging Face folder
+            from pretrain.hf_import import init_config
+
+            cfg, sources = init_config(init_from, cfg, sources, explicit=recipe is not None)
         run_dir = out or Path("runs") / f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if _is_main_rank():
             _print_config(cfg, sources)
-    summary = train(cfg, run_dir, resume=resume is not None, console=console, sources=sources)
+    summary = train(cfg, run_dir, resume=resume is not None, console=console, sources=sources, init_from=init_from)
     if _is_main_rank():
         console.print(table(f"run summary ({cfg.objective.name})", summary))
 

@@ -87,8 +87,9 @@ def target_counts(objective: Objective, batches: list[Batch], rt: Runtime) -> di
 
 
 def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console | None = None,
-          sources: list | None = None) -> dict:
-    """Train `cfg` into `run_dir` (or continue the run there); returns the summary it prints."""
+          sources: list | None = None, init_from: str | None = None) -> dict:
+    """Train `cfg` into `run_dir` (or continue the run there); returns the summary it prints. `init_from`: a
+    Hugging Face model (folder or hub name) whose weights replace the random init of a new run."""
     console = console or Console()
     rt = setup_runtime(cfg.train)
     run = runs.RunDir(run_dir)
@@ -99,6 +100,10 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console 
     prepared = _prepare(cfg, run, rt, console, resume)
     data = Data(prepared.tokenizer.vocab, prepared.cache.split("train"), prepared.cache.split("valid"))
     engine, state = _start(cfg, run, rt, prepared, resume, sources or [])
+    if init_from is not None and not resume:  # in place, on every rank alike, before the first step
+        from pretrain.hf_import import load_into
+
+        load_into(engine.model, init_from, cfg)
     summary = _loop(cfg, run, engine, state, data, console)
     baseline = cfg.objective.baseline(data.train, data.vocab, cfg.data.seq_len)  # a reference figure beside ours
     summary.update({f"baseline_{k}": v for k, v in baseline.items()})
