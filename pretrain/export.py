@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pretrain.config import Config
 
 TOLERANCE = 1e-4  # max abs difference of fp32 logits between ours and the exported model
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 
 
 def require_transformers() -> Any:
@@ -114,7 +115,7 @@ def _write(transformers, fam, loaded, run_dir: Path, tmp: Path) -> dict:
     if cfg.objective.arch.kind != "encoder":
         start = {"decoder_start_token_id": ids["decoder_start_token_id"]} if config.is_encoder_decoder else {}
         transformers.GenerationConfig(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
-                                      pad_token_id=ids["pad_token_id"], max_length=cfg.model.max_len,
+                                      pad_token_id=ids["pad_token_id"],
                                       **start).save_pretrained(str(tmp))
     state = json.loads((loaded.checkpoint / "state.json").read_text())
     return {"family": fam.hf_class, "auto_class": fam.auto_class, "objective": cfg.objective,
@@ -163,6 +164,7 @@ def outputs(model, hf, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.
     import torch
 
     kind = model.arch.kind
+    batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS}  # targets (labels, ...) stay out
     with torch.no_grad():
         ours = model(**batch)
         theirs = hf(**batch, return_dict=True)
