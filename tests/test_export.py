@@ -181,6 +181,7 @@ def test_gpt2_full_size(work):
     run_dir = work / "runs" / "gpt2-full"
     train(cfg, run_dir, console=Console(quiet=True), sources=src)
     card = export(run_dir, work / "hf" / "gpt2-full")
+    print(f"gpt2 full size ({card['parameters']:,} parameters): max abs diff {card['max_abs_diff']}")
     assert card["parameters"] > 85_000_000 and max(card["max_abs_diff"].values()) <= 1e-4
 
 
