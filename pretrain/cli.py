@@ -121,18 +121,22 @@ def run(
                                                 "newest checkpoint.")] = None,
     accept_data_change: Annotated[bool, typer.Option("--accept-data-change", help="With --resume: go on although "
                                                      "the corpus changed (no longer an exact continuation).")] = False,
+    init_from: Annotated[str | None, typer.Option("--init-from", help="Start from the weights of a Hugging Face "
+                                                  "model (a folder from `pretrain export`, or a hub name); its "
+                                                  "config and tokenizer come along.")] = None,
 ) -> None:
     """Train a model (tokenizer and token cache are made on the fly); `make run` runs the default."""
     import dataclasses
 
     from pretrain.metrics import table
     from pretrain.run import load_config
-    from pretrain.trainer import train
+    from pretrain.trainer import Start, train
 
     if accept_data_change and resume is None:
         raise UserError("--accept-data-change only applies to --resume")
     if resume is not None:
-        if objective or recipe or data or sets or seed is not None or out or precision or compile_model is not None:
+        if (objective or recipe or data or sets or seed is not None or out or precision or compile_model is not None
+                or init_from):
             raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens may change")
         cfg = load_config(resume)  # the checkpoint and the data are checked by `train` before any work
         budget = {k: v for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens)) if v is not None}
@@ -142,11 +146,16 @@ def run(
         cfg, sources = _resolve(recipe, objective, data, seed, sets, **{
             "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.precision": precision,
             "train.compile": compile_model})
+        if init_from is not None:  # the model config and tokenizer come from the Hugging Face folder
+            from pretrain.hf_import import init_config
+
+            cfg, sources = init_config(init_from, cfg, sources, explicit=recipe is not None)
         run_dir = out or Path("runs") / f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if _is_main_rank():
             _print_config(cfg, sources)
-    summary = train(cfg, run_dir, resume=resume is not None, console=console, sources=sources,
-                    accept_data_change=accept_data_change)
+    start = Start(resume=resume is not None, sources=sources, accept_data_change=accept_data_change,
+                  init_from=init_from)
+    summary = train(cfg, run_dir, start, console=console)
     if _is_main_rank():
         console.print(table(f"run summary ({cfg.objective.name})", summary))
 
@@ -297,6 +306,30 @@ def bench(
     bench_batches(objective or None, batch_size, seq_len, seconds, data, console)
     if generate:
         print_generation(bench_generation(), console)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@app.command("export")
+@_friendly
+def export_(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pretrain run`.")],
+    out: Annotated[Path, typer.Option("--out", help="The Hugging Face folder to write (must not exist or be "
+                                      "empty).")],
+    step: Annotated[int | None, typer.Option("--step", help="Export the checkpoint of step N (default: the "
+                                             "newest).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Write the run's model as a Hugging Face transformers folder (weights, config, tokenizer, model card),
+    checked to give our logits; needs `pip install 'pretrain[hf]'`."""
+    from pretrain.export import export
+
+    card = export(run_dir, out, step, force)
+    diff = ", ".join(f"{k} {v:.1e}" for k, v in card["max_abs_diff"].items())
+    console.print(f"wrote {out}: {card['family']} from {card['checkpoint']} (max abs difference to ours: {diff}); "
+                  f"load it with {card['auto_class']}.from_pretrained(\"{out}\")", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- decoding

@@ -205,6 +205,17 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
         raise UserError(str(e)) from None
 
 
+def _at_step(root: Path, step: int) -> Path:
+    """The complete checkpoint of `step` in `root`; a UserError listing the saved steps when it is absent."""
+    from pretrain.checkpoint import PREFIX, list_checkpoints
+
+    found = {int(p.name[len(PREFIX):]): p for p in list_checkpoints(root)}
+    if step not in found:
+        have = ", ".join(map(str, found)) or "none"
+        raise UserError(f"{root.parent} has no checkpoint of step {step} (steps saved: {have}); give one of them")
+    return found[step]
+
+
 class Loaded(NamedTuple):
     """A trained run ready to use: its config, tokenizer, model (eval mode, on its device) and checkpoint."""
 
@@ -214,16 +225,16 @@ class Loaded(NamedTuple):
     checkpoint: Path
 
 
-def load(run_dir: Path, device: str | torch.device | None = None) -> Loaded:
-    """Load a run folder's config, tokenizer and newest checkpoint onto `device` (default: the one
-    `train.device` picks, `runtime.pick_device`); UserError when any is missing."""
+def load(run_dir: Path, device: str | torch.device | None = None, step: int | None = None) -> Loaded:
+    """Load a run folder's config, tokenizer and newest checkpoint (or the one of `step`) onto `device` (default:
+    the one `train.device` picks, `runtime.pick_device`); UserError when any is missing."""
     from pretrain import checkpoint
     from pretrain.runtime import pick_device
     from pretrain.tokenizer import Tokenizer
 
     run = RunDir(run_dir)
     cfg = load_config(run.path)
-    path = checkpoint.latest(run.checkpoints)
+    path = checkpoint.latest(run.checkpoints) if step is None else _at_step(run.checkpoints, step)
     warn_strays(run)
     tokenizer = Tokenizer.load(run.tokenizer, cfg.objective.special_pieces)
     model = build_model(cfg, tokenizer.size)

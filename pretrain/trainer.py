@@ -69,11 +69,21 @@ def target_counts(objective: Objective, batches: list[Batch], rt: Runtime) -> tu
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console | None = None,
-          sources: list | None = None, accept_data_change: bool = False) -> dict:
-    """Train `cfg` into `run_dir` (or continue the run there); returns the summary it prints. Every check of
-    the run folder happens before any work; `accept_data_change` lets a resume go on after the corpus changed
-    (it is then no longer exact)."""
+@dataclass(frozen=True)
+class Start:
+    """How a call of `train` starts: a new run or a resume, and what comes with it."""
+
+    resume: bool = False  # continue the run in run_dir from its newest checkpoint
+    sources: list = dataclasses.field(default_factory=list)  # where each non-default config value came from
+    accept_data_change: bool = False  # a resume goes on although the corpus changed (no longer exact)
+    init_from: str | None = None  # a Hugging Face model (folder or hub name) whose weights start a new run
+
+
+def train(cfg: Config, run_dir: Path, start: Start | None = None, console: Console | None = None) -> dict:
+    """Train `cfg` into `run_dir` (or continue the run there, `start.resume`); returns the summary it prints.
+    Every check of the run folder happens before any work."""
+    start = start or Start()
+    resume = start.resume
     console = console or Console()
     rt = setup_runtime(cfg.train)
     run, plan = runs.RunDir(run_dir), BatchPlan.of(cfg, rt.world)
@@ -91,9 +101,9 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console 
         ckpt.remove_stale_tmp(run.checkpoints)
     prepared = _prepare(cfg, run, rt, console, resume)
     if resume:
-        runs.check_same_data(run, prepared.cache.path, accept_data_change, console)
+        runs.check_same_data(run, prepared.cache.path, start.accept_data_change, console)
     data = Data(prepared.tokenizer.vocab, prepared.cache.split("train"), prepared.cache.split("valid"))
-    engine, state = _start(cfg, run, dataclasses.replace(rt), mode, prepared, (resume, sources or []))
+    engine, state = _start(cfg, run, dataclasses.replace(rt), mode, prepared, start)
     if resume and rt.main:
         runs.keep_metrics_until(run, state.step)  # the steps after the checkpoint are logged again
     summary = _loop(cfg, run, engine, state, data, console)
@@ -125,13 +135,17 @@ def _prepare(cfg: Config, run: runs.RunDir, rt: Runtime, console: Console, resum
 
 
 def _start(cfg: Config, run: runs.RunDir, rt: Runtime, mode: str, prepared: Prepared,
-           resuming: tuple[bool, list]) -> tuple[Engine, TrainState]:
+           start: Start) -> tuple[Engine, TrainState]:
     """The model (sharded under FSDP), optimizer and grad scaler, restored from the newest checkpoint on a
-    resume; a new run folder otherwise (`resuming` = (resume, the config's sources)). The DDP / compile wrapper
-    goes on last."""
-    resume, sources = resuming
+    resume; a new run folder otherwise, its weights from `start.init_from` when given. The DDP / compile
+    wrapper goes on last."""
     vocab_size = prepared.tokenizer.vocab.size
-    model = runs.build_model(cfg, vocab_size).to(rt.device)
+    model = runs.build_model(cfg, vocab_size)
+    if start.init_from is not None and not start.resume:  # every rank alike, before sharding and the first step
+        from pretrain.hf_import import load_into
+
+        load_into(model, start.init_from, cfg)
+    model = model.to(rt.device)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if mode == "fsdp":
         parallel.shard(model, cfg.train)
@@ -139,12 +153,12 @@ def _start(cfg: Config, run: runs.RunDir, rt: Runtime, mode: str, prepared: Prep
     opt = build_optimizer(model, cfg.train, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.train.precision == "fp16")
     engine = Engine(rt, model, model, opt, scaler, mode)
-    if resume:
+    if start.resume:
         state = ckpt.restore_training(run.checkpoints, engine, runs.fingerprint(cfg, vocab_size))
     else:
         state = TrainState()
         if rt.main:
-            runs.create(run, cfg, sources, prepared.tokenizer.path, prepared.cache.path, prepared.cache.meta)
+            runs.create(run, cfg, start.sources, prepared.tokenizer.path, prepared.cache.path, prepared.cache.meta)
     parallel.wrap(engine, cfg.train.compile)
     return engine, state
 
