@@ -103,6 +103,8 @@ def run(
     seed: SeedOpt = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Stop after N input tokens.")] = None,
+    max_time: Annotated[str | None, typer.Option("--max-time", help="Stop after this much training time, e.g. 4m, "
+                                                 "90s, 1h30m (train.max_time); the schedule fits it.")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="fp32 | bf16 | fp16 (train.precision).")]
     = None,
     compile_model: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model "
@@ -120,16 +122,18 @@ def run(
 
     if resume is not None:
         if objective or recipe or data or sets or seed is not None or out or precision or compile_model is not None:
-            raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens may change")
+            raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens/--max-time "
+                            "may change")
         cfg = load_config(resume)
         checkpoint.latest(RunDir(resume).checkpoints)  # fail fast when there is nothing to resume
-        budget = {k: v for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens)) if v is not None}
+        budget = {k: v for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens), ("max_time", max_time))
+                  if v is not None}
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **budget))
         sources, run_dir = [], resume
     else:
         cfg, sources = _resolve(recipe, objective, data, seed, sets, **{
-            "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.precision": precision,
-            "train.compile": compile_model})
+            "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.max_time": max_time,
+            "train.precision": precision, "train.compile": compile_model})
         run_dir = out or Path("runs") / f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if _is_main_rank():
             _print_config(cfg, sources)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from models.config import ModelConfig
+from pretrain.budget import parse_duration
 from pretrain.errors import UserError
 from pretrain.tokenizer import MIN_VOCAB_SIZE
 
@@ -66,6 +67,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # stop after this many optimizer steps
     max_tokens: int = 0  # stop once this many input tokens were seen (0 = no token budget)
+    max_time: str = ""  # wall-clock budget of the training loop, e.g. "4m", "90s", "1h30m" ("" = none)
     optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"  # the optimizer
     lr: float = 1e-3  # peak learning rate
     schedule: Literal["cosine", "linear", "inverse_sqrt", "constant"] = "cosine"  # decay after warmup
@@ -88,6 +90,7 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (a final one is always written)
     keep_last: int = 2  # checkpoints kept in the run folder
     num_workers: int = 1  # DataLoader worker processes building batches (one thread each)
+    report_to: tuple[Literal["tensorboard", "wandb"], ...] = ("tensorboard",)  # also log there ("" = only jsonl)
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last"):
@@ -114,6 +117,8 @@ class TrainConfig:
             self.betas,
         )
         _check(self.label_smoothing < 1.0, "train.label_smoothing", "must be < 1", self.label_smoothing)
+        _check(len(set(self.report_to)) == len(self.report_to), "train.report_to", "repeats a name", self.report_to)
+        parse_duration(self.max_time, "train.max_time (--max-time)")  # one line when it does not parse
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -168,7 +173,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is tuple:
         args = typing.get_args(hint)
         if isinstance(value, str):
-            value = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
+            value = [v.strip().strip("'\"") for v in value.strip("()[] ").split(",") if v.strip()]
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):  # tuple[X, ...]: any length
+            return tuple(_coerce(v, args[0], key) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise UserError(f"{key} needs {len(args)} values (e.g. {key}=0.9,0.95), got {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))

@@ -8,6 +8,9 @@ the field named in `objective.loss_terms` that are not IGNORE_INDEX), summed ove
 and all ranks, and every micro-batch's summed loss is divided by that global count before backward. So
 1x8 and 4x2 accumulation give the same update, and so do 1 and N GPUs.
 
+Budgets: max_steps, max_tokens and max_time (a wall-clock budget whose schedule horizon is estimated from the
+measured step time, pretrain/budget.py); the first one spent ends the run.
+
 Every batch is a pure function of (seed, step, micro-step, rank) (`objectives.base.make_generator`), and a
 checkpoint stores the weights, optimizer, dropout RNG and the `TrainState`: a resumed run repeats an
 uninterrupted one bit for bit on CPU.
@@ -31,11 +34,13 @@ from rich.console import Console
 from objectives.base import IGNORE_INDEX, Batch, Objective, input_tokens, make_generator
 from pretrain import checkpoint as ckpt
 from pretrain import run as runs
+from pretrain.budget import Horizon
 from pretrain.checkpoint import TrainState
 from pretrain.errors import UserError
 from pretrain.evaluate import evaluate
 from pretrain.metrics import Meter, TrainLog
 from pretrain.optim import build_optimizer, set_lr
+from pretrain.runlist import running
 from pretrain.runtime import Engine, Runtime, setup_runtime, warn_if_busy
 
 if TYPE_CHECKING:
@@ -99,11 +104,12 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, console: Console 
     prepared = _prepare(cfg, run, rt, console, resume)
     data = Data(prepared.tokenizer.vocab, prepared.cache.split("train"), prepared.cache.split("valid"))
     engine, state = _start(cfg, run, rt, prepared, resume, sources or [])
-    summary = _loop(cfg, run, engine, state, data, console)
-    baseline = cfg.objective.baseline(data.train, data.vocab, cfg.data.seq_len)  # a reference figure beside ours
-    summary.update({f"baseline_{k}": v for k, v in baseline.items()})
-    if rt.main:
-        runs.write_json(run.summary, summary)
+    with running(run) if rt.main else contextlib.nullcontext():  # `pretrain runs` tells a live run from a crash
+        summary = _loop(cfg, run, engine, state, data, console)
+        baseline = cfg.objective.baseline(data.train, data.vocab, cfg.data.seq_len)  # a reference figure beside ours
+        summary.update({f"baseline_{k}": v for k, v in baseline.items()})
+        if rt.main:
+            runs.write_json(run.summary, summary)
     if rt.world > 1:  # leave together, DDP's reducer gone first: tearing down under it can abort a rank at exit
         del engine
         dist.barrier()
@@ -149,25 +155,26 @@ def _start(cfg: Config, run: runs.RunDir, rt: Runtime, prepared: Prepared, resum
 def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data: Data, console: Console) -> dict:
     """The training loop proper (see the module docstring for the order of one step)."""
     tc, obj, rt = cfg.train, cfg.objective, engine.rt
-    horizon, start = _horizon(cfg, rt.world), state.step
-    batches = _batches(cfg, data, rt, start, horizon)
-    log = TrainLog(cfg, engine, run.metrics if rt.main else None, console, start, horizon)
+    plan, start = Horizon(tc, _horizon(cfg, rt.world), state, _agree(rt)), state.step
+    batches = _batches(cfg, data, rt, start, plan.cap)
+    log = TrainLog(cfg, engine, run if rt.main else None, console, state, plan.steps)
     save = functools.partial(ckpt.save_training, run.checkpoints, engine, state,
                              runs.fingerprint(cfg, data.vocab.size), tc.keep_last)
     stop, last_ckpt, t_start = "max_steps", None, time.perf_counter() - state.elapsed
+    spent = plan.exhausted(state)  # a token or time budget spent (checked after every step)
     with log:
-        while state.step < horizon:
+        while state.step < plan.cap:
             step = state.step
-            if tc.max_tokens and state.tokens >= tc.max_tokens:
-                stop = "max_tokens"
+            if spent:
+                stop = spent
                 break
-            set_lr(engine.opt, tc, step, horizon)
+            set_lr(engine.opt, tc, step, plan.steps)
             if tc.eval_every and step % tc.eval_every == 0 and step > start:  # maybe eval
                 _eval_and_log(engine, cfg, data, state, log)
                 if tc.patience and state.bad_evals >= tc.patience:
                     stop = "plateau"
                     break
-            rng = ckpt.rng_state()
+            rng, t_step = ckpt.rng_state(), time.perf_counter()
             try:
                 gnorm, step_tokens = train_step(obj, engine, [next(batches) for _ in range(tc.grad_accum)], tc,
                                                 log.meter, log.on_micro(step))
@@ -183,7 +190,11 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
                                 "raise train.warmup_steps or use train.precision=fp32")
             state.step, state.tokens = state.step + 1, state.tokens + step_tokens
             state.elapsed = time.perf_counter() - t_start
-            log.step(state, engine.opt.param_groups[0]["lr"], float(gnorm), step_tokens)
+            spent = plan.exhausted(state)
+            if plan.observe(state, time.perf_counter() - t_step):  # the time budget's horizon, frozen from now on
+                _froze(run, plan, log, rt)
+            log.step(state, engine.opt.param_groups[0]["lr"], float(gnorm), step_tokens,
+                     last=bool(spent) or state.step >= plan.cap)
             if tc.ckpt_every and state.step % tc.ckpt_every == 0 and rt.main:  # maybe checkpoint
                 last_ckpt = save()
         last_eval = _eval_and_log(engine, cfg, data, state, log)
@@ -191,15 +202,37 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
     if rt.main and (last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:07d}")):
         save()
     return {"steps": state.step, "tokens": state.tokens, "seconds": state.elapsed, "stopped_by": stop,
+            "horizon": plan.steps, "horizon_from": plan.source,
             "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), **log.summary(),
             **{f"val_{k}": v for k, v in last_eval.items()}, "run_dir": str(run.path)}
 
 
 def _horizon(cfg: Config, world: int) -> int:
-    """Optimizer steps the schedule runs for: max_steps, or fewer when the token budget ends first."""
+    """The step budget: max_steps, or fewer when the token budget ends first. The loop never passes it; a time
+    budget may end the schedule (and the run) sooner (pretrain/budget.py)."""
     tc = cfg.train
     nominal = tc.batch_size * tc.grad_accum * world * cfg.data.seq_len
     return min(tc.max_steps, math.ceil(tc.max_tokens / nominal)) if tc.max_tokens else tc.max_steps
+
+
+def _agree(rt: Runtime):
+    """agree(value, "max" | "min"): the value all ranks agree on (so they stop at the same step and plan the same
+    horizon); the value itself on one process."""
+    def agree(value: float, op: str) -> float:
+        if rt.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+        return float(t.item())
+
+    return agree
+
+
+def _froze(run: runs.RunDir, plan: Horizon, log: TrainLog, rt: Runtime) -> None:
+    """A time budget's horizon was just frozen: the progress bar learns its end, config.json notes it."""
+    log.set_horizon(plan.steps)
+    if rt.main:
+        runs.add_note(run, "horizon", plan.note())
 
 
 def _batches(cfg: Config, data: Data, rt: Runtime, start: int, horizon: int):
