@@ -360,16 +360,33 @@ def resolve(
             _set_dotted(raw, key, value)
             sources[key] = "flag"
     for item in sets:
-        if "=" not in item:
-            raise UserError(f"--set '{item}' must look like section.key=value (e.g. --set train.lr=3e-4)")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        _set_dotted(raw, key, value.strip())  # text: _coerce types it from the field's annotation
+        key, value = _split_set(item)
+        _set_dotted(raw, key, value)  # text: _coerce types it from the field's annotation
         sources[key] = "--set"
     cfg = config_from_dict(raw, recipe=recipe or "")
     flat = _flatten(cfg.to_dict())
     report = [(k, flat.get(k), src) for k, src in sources.items()]
     return cfg, report
+
+
+def _split_set(item: str) -> tuple[str, str]:
+    """'section.key=value' -> ('section.key', 'value')."""
+    if "=" not in item:
+        raise UserError(f"--set '{item}' must look like section.key=value (e.g. --set train.lr=3e-4)")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def override(cfg: Config, sets: list[str], sections: tuple[str, ...] = ("data", "train")) -> Config:
+    """A run's `cfg` with `--set section.key=value` overrides applied in order, typed as in `resolve`; only keys of
+    `sections` may change (the run's model and objective are fixed)."""
+    raw = cfg.to_dict()
+    for key, value in map(_split_set, sets):
+        if key.split(".")[0] not in sections:
+            raise UserError(f"--set {key}: only {', '.join(s + '.*' for s in sections)} keys can change here "
+                            "(the model and objective are the run's own)")
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw, recipe=cfg.recipe)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
