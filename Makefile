@@ -35,4 +35,4 @@ $(addprefix recipe-,$(RECIPES)): recipe-%: install
 	$(BIN)/pretrain run --recipe $*
 
 clean:
-	rm -rf $(VENV) runs data/cache
+	rm -rf $(VENV) runs data/cache report
