@@ -5,7 +5,8 @@ A run's checkpoints live in one folder (`RunDir.checkpoints`, i.e. `RUN/checkpoi
 each, holding
     model.safetensors   the weights (shared/tied tensors handled by safetensors' save_model)
     train.safetensors   optimizer tensors, RNG states, grad-scaler scale
-    state.json          the TrainState (step, tokens seen, early-stopping state, elapsed time), the
+    state.json          the TrainState (step, tokens seen, early-stopping state, elapsed time, a time
+                        budget's frozen horizon), the
                         optimizer's structure and scalars, the grad scaler's state, and the architecture
                         fingerprint that a resume must match
 It is written into a temporary folder and renamed into place, `state.json` last, so a crash never leaves
@@ -54,11 +55,15 @@ class TrainState:
     best_val: float = math.inf  # best validation loss so far (early stopping)
     bad_evals: int = 0  # evaluations since the best one (early stopping)
     elapsed: float = 0.0  # seconds of training so far, over every session of the run
+    horizon: int = 0  # the schedule's horizon estimated for the time budget, frozen (0 = none; budget.Horizon)
+    horizon_budget: float = 0.0  # the train.max_time in seconds that horizon was planned for
 
     @classmethod
     def from_json(cls, saved: Any, where: Path) -> TrainState:
         """The state saved in a checkpoint's state.json; UserError naming the file when it is malformed."""
         names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(saved, dict):  # checkpoints written before the time budget existed have no horizon
+            saved = {"horizon": 0, "horizon_budget": 0.0, **saved}
         if not isinstance(saved, dict) or any(not isinstance(saved.get(k), (int, float)) for k in names):
             raise UserError(f"checkpoint {where} is corrupted (state.json lacks a numeric {', '.join(names)}); "
                             "delete that checkpoint folder to fall back to an older one")

@@ -1,8 +1,9 @@
 """The `pretrain` command line (Typer). Each command parses flags into a Config and calls one function.
 
-torch, datasets and sentencepiece are imported inside the commands, so `pretrain --help` answers at once.
-Flags mean the same in every command: --data PATH|NAME, --out DIR, --recipe NAME|PATH, --set key=value
-(repeatable), --seed N. User errors print one line and exit with code 2.
+torch, datasets, sentencepiece, matplotlib and tensorboard are imported inside the commands, so `pretrain --help`
+answers at once. Flags mean the same in every command: --data PATH|NAME, --out (where the command writes: the run
+folder, the cache folder, the eval JSON, the report folder), --recipe NAME|PATH and --set key=value (repeatable)
+wherever a command reads a config, --seed N. User errors print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand
 
+from pretrain import cli_runs
 from pretrain.errors import UserError, os_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -113,6 +115,8 @@ def run(
     seed: SeedOpt = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Stop after N input tokens.")] = None,
+    max_time: Annotated[str | None, typer.Option("--max-time", help="Stop after this much training time, e.g. 4m, "
+                                                 "90s, 1h30m (train.max_time); the schedule fits it.")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="fp32 | bf16 | fp16 (train.precision).")]
     = None,
     compile_model: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model "
@@ -137,15 +141,17 @@ def run(
     if resume is not None:
         if (objective or recipe or data or sets or seed is not None or out or precision or compile_model is not None
                 or init_from):
-            raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens may change")
+            raise UserError("--resume continues a run with its own config; only --max-steps/--max-tokens/--max-time "
+                            "may change")
         cfg = load_config(resume)  # the checkpoint and the data are checked by `train` before any work
-        budget = {k: v for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens)) if v is not None}
+        budget = {k: v for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens), ("max_time", max_time))
+                  if v is not None}
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **budget))
         sources, run_dir = [], resume
     else:
         cfg, sources = _resolve(recipe, objective, data, seed, sets, **{
-            "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.precision": precision,
-            "train.compile": compile_model})
+            "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.max_time": max_time,
+            "train.precision": precision, "train.compile": compile_model})
         if init_from is not None:  # the model config and tokenizer come from the Hugging Face folder
             from pretrain.hf_import import init_config
 
@@ -167,31 +173,17 @@ def eval_(
     data: DataOpt = None,
     split: Annotated[str, typer.Option("--split", help="valid or train split of the data.")] = "valid",
     batches: Annotated[int, typer.Option("--batches", help="Fixed-seed batches to evaluate.")] = 50,
+    out: Annotated[Path | None, typer.Option("--out", help="A folder or .json file for the results (default: "
+                                             "RUN_DIR/eval.json, on other data RUN_DIR/eval-NAME.json).")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override a data.* or train.* key of the run's "
+                                                   "config (repeatable), e.g. --set data.cache_dir=DIR.")] = None,
 ) -> None:
-    """Evaluate a run's newest checkpoint; print a table and write RUN_DIR/eval.json."""
-    import dataclasses
-
-    from pretrain.data import prepare
-    from pretrain.evaluate import evaluate
+    """Evaluate a run's newest checkpoint; print a table and write its JSON (RUN_DIR/eval.json on its own data)."""
     from pretrain.metrics import table
-    from pretrain.run import RunDir, load, write_json
-    from pretrain.runtime import setup_runtime
 
-    if split not in ("valid", "train"):
-        raise UserError(f"--split must be 'valid' or 'train', got '{split}'")
-    if batches < 1:
-        raise UserError(f"--batches must be >= 1, got {batches}")
-    cfg, _, model, path = load(run_dir)
-    run = RunDir(run_dir)
-    source = {"source": data} if data is not None else {}
-    data_cfg = dataclasses.replace(cfg.data, tokenizer=str(run.tokenizer), **source)
-    cfg = dataclasses.replace(cfg, data=data_cfg)
-    prepared = prepare(data_cfg, extra_pieces=cfg.objective.special_pieces, progress=True, console=console)
-    res = evaluate(model, cfg, prepared.cache.split(split), prepared.tokenizer.vocab, setup_runtime(cfg.train),
-                   batches)
-    res = {"checkpoint": path.name, "split": split, "data": data_cfg.source or "built-in corpus", **res}
-    write_json(run.eval, res)
-    console.print(table(f"eval of {run_dir} ({cfg.objective.name}, {path.name}, {split})", res))
+    res, title, target = cli_runs.evaluate_run(run_dir, data, split, batches, out, sets or [])
+    console.print(table(title, res))
+    console.print(f"wrote {target}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -203,12 +195,16 @@ def prepare(
     data: DataOpt = None,
     recipe: RecipeOpt = None,
     sets: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="The cache folder (data.cache_dir; default data/cache); "
+                                             "runs reuse it with --set data.cache_dir=DIR.")] = None,
 ) -> None:
     """Build (or reuse) the tokenizer and token cache of the data; print its size and tokenizing speed."""
     from pretrain.data import prepare as prepare_data
     from pretrain.metrics import table
 
-    cfg, _ = _resolve(recipe, None, data, None, sets)
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the token cache")
+    cfg, _ = _resolve(recipe, None, data, None, sets, **{"data.cache_dir": None if out is None else str(out)})
     prepared = prepare_data(cfg.data, extra_pieces=cfg.objective.special_pieces, progress=True, console=console)
     stats = prepared.stats
     splits = [k for k in ("train", "valid") if isinstance(stats.get(k), dict)]
@@ -422,6 +418,10 @@ def fill_mask(
     console.print(t)
     console.print("[bold]top-1:[/] ", end="")
     console.print(top1_text(r, text, cands), markup=False, highlight=False)
+
+
+app.command("runs")(_friendly(cli_runs.runs))
+app.command("report")(_friendly(cli_runs.report))
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from models.config import ModelConfig
+from pretrain.budget import parse_duration
 from pretrain.errors import UserError
 from pretrain.tokenizer import MIN_VOCAB_SIZE
 
@@ -67,6 +68,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # stop after this many optimizer steps
     max_tokens: int = 0  # stop once this many input tokens were seen (0 = no token budget)
+    max_time: str = ""  # wall-clock budget of the training loop, e.g. "4m", "90s", "1h30m" ("" = none)
     optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"  # the optimizer
     lr: float = 1e-3  # peak learning rate
     schedule: Literal["cosine", "linear", "inverse_sqrt", "constant"] = "cosine"  # decay after warmup
@@ -94,6 +96,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     batch_warmup_tokens: int = 0  # ramp the global batch up linearly over this many tokens (GPT-3; 0 = off)
     batch_warmup_start: int = 32  # sequences per step at the start of the batch ramp
+    report_to: tuple[Literal["tensorboard", "wandb"], ...] = ("tensorboard",)  # also log there ("" = only jsonl)
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last"):
@@ -129,6 +132,8 @@ class TrainConfig:
             self.betas,
         )
         _check(self.label_smoothing < 1.0, "train.label_smoothing", "must be < 1", self.label_smoothing)
+        _check(len(set(self.report_to)) == len(self.report_to), "train.report_to", "repeats a name", self.report_to)
+        parse_duration(self.max_time, "train.max_time (--max-time)")  # one line when it does not parse
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -183,7 +188,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is tuple:
         args = typing.get_args(hint)
         if isinstance(value, str):
-            value = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
+            value = [v.strip().strip("'\"") for v in value.strip("()[] ").split(",") if v.strip()]
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):  # tuple[X, ...]: any length
+            return tuple(_coerce(v, args[0], key) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise UserError(f"{key} needs {len(args)} values (e.g. {key}=0.9,0.95), got {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
@@ -368,16 +375,33 @@ def resolve(
             _set_dotted(raw, key, value)
             sources[key] = "flag"
     for item in sets:
-        if "=" not in item:
-            raise UserError(f"--set '{item}' must look like section.key=value (e.g. --set train.lr=3e-4)")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        _set_dotted(raw, key, value.strip())  # text: _coerce types it from the field's annotation
+        key, value = _split_set(item)
+        _set_dotted(raw, key, value)  # text: _coerce types it from the field's annotation
         sources[key] = "--set"
     cfg = config_from_dict(raw, recipe=recipe or "")
     flat = _flatten(cfg.to_dict())
     report = [(k, flat.get(k), src) for k, src in sources.items()]
     return cfg, report
+
+
+def _split_set(item: str) -> tuple[str, str]:
+    """'section.key=value' -> ('section.key', 'value')."""
+    if "=" not in item:
+        raise UserError(f"--set '{item}' must look like section.key=value (e.g. --set train.lr=3e-4)")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def override(cfg: Config, sets: list[str], sections: tuple[str, ...] = ("data", "train")) -> Config:
+    """A run's `cfg` with `--set section.key=value` overrides applied in order, typed as in `resolve`; only keys of
+    `sections` may change (the run's model and objective are fixed)."""
+    raw = cfg.to_dict()
+    for key, value in map(_split_set, sets):
+        if key.split(".")[0] not in sections:
+            raise UserError(f"--set {key}: only {', '.join(s + '.*' for s in sections)} keys can change here "
+                            "(the model and objective are the run's own)")
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw, recipe=cfg.recipe)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

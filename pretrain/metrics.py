@@ -1,5 +1,6 @@
-"""Running means of (sum, count) terms, metrics.jsonl on disk, the training progress (`TrainLog`), the rich
-tables on screen, and the matmul peak that MFU is measured against."""
+"""Running means of (sum, count) terms, metrics.jsonl on disk (and the TensorBoard / W&B streams beside it,
+pretrain/tracking.py), the training progress (`TrainLog`), the rich tables on screen, and the matmul peak that MFU
+is measured against."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
     from pretrain.checkpoint import TrainState
     from pretrain.config import Config
+    from pretrain.run import RunDir
     from pretrain.runtime import Engine
 
 
@@ -98,24 +100,28 @@ def measure_peak_flops(device: Any, dtype: Any) -> float:
 
 
 class TrainLog:
-    """What the training loop reports, in one place: the progress bar, metrics.jsonl (rank 0 only), the
-    interval timing behind tokens/s and MFU, and the figures of the run summary.
+    """What the training loop reports, in one place: the progress bar, metrics.jsonl and the `train.report_to`
+    streams (rank 0 only: `run` is None on the others), the interval timing behind tokens/s and MFU, and the
+    figures of the run summary.
 
     MFU = training FLOPs per input token (`Transformer.flops_per_token`, the decoder length from the
     objective) x tokens/s per rank / the dense matmul peak measured at start in the run's precision.
     """
 
-    def __init__(self, cfg: Config, engine: Engine, metrics: Path | None, console: Console, start: int,
+    def __init__(self, cfg: Config, engine: Engine, run: RunDir | None, console: Console, state: TrainState,
                  horizon: int) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        rt, tc = engine.rt, cfg.train
+        from pretrain.tracking import Trackers
+
+        rt, tc, start = engine.rt, cfg.train, state.step
         self.rt = rt
-        self.jsonl = JsonlLog(metrics) if metrics is not None else None
+        self.jsonl = JsonlLog(run.metrics) if run is not None else None
+        self.trackers = Trackers(cfg, run, state, console)
         self.peak = measure_peak_flops(rt.device, rt.amp_dtype)
         seq_len = cfg.data.seq_len
         self.flops_per_token = engine.model.flops_per_token(seq_len, cfg.objective.decoder_length(seq_len))
-        self.world, self.log_every, self.accum, self.horizon = rt.world, tc.log_every, tc.grad_accum, horizon
+        self.world, self.log_every = rt.world, tc.log_every
         self.main_term = next(iter(cfg.objective.loss_terms))
         self.meter, self.records = Meter(), []  # records: this session's log records, for the summary
         self.interval_t, self.interval_tok = time.perf_counter(), 0
@@ -130,22 +136,27 @@ class TrainLog:
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
+        self.trackers.close()
 
-    def on_micro(self, step: int, then=lambda: None):
-        """A callback for micro-batch i (1-based) of optimizer step `step`: long accumulations show life; it
-        calls `then()` after updating the bar."""
+    def set_horizon(self, horizon: int) -> None:
+        """The progress bar's end, once a time budget's horizon is known."""
+        self.progress.update(self.task, total=horizon)
+
+    def on_micro(self, step: int, n: int, then=lambda: None):
+        """A callback for micro-batch i (1-based) of the n of optimizer step `step`: long accumulations show life;
+        it calls `then()` after updating the bar."""
 
         def show(i: int) -> None:
-            self.progress.update(self.task, completed=step + i / self.accum)
+            self.progress.update(self.task, completed=step + i / n)
             then()
 
         return show
 
-    def step(self, state: TrainState, lr: float, grad_norm: float, tokens: int) -> None:
-        """Count a finished step of `tokens` input tokens; every log_every steps (and at the horizon) write
+    def step(self, state: TrainState, lr: float, grad_norm: float, tokens: int, last: bool = False) -> None:
+        """Count a finished step of `tokens` input tokens; every log_every steps (and at the `last` step) write
         a record of the interval's means, learning rate, gradient norm, tokens/s and MFU."""
         self.interval_tok += tokens
-        if state.step % self.log_every and state.step != self.horizon:
+        if state.step % self.log_every and not last:
             return
         dt = time.perf_counter() - self.interval_t
         rec = {"step": state.step, "tokens": state.tokens, **self._means(), "lr": lr, "grad_norm": grad_norm,
@@ -154,6 +165,7 @@ class TrainLog:
                "elapsed": state.elapsed}
         if self.jsonl:
             self.jsonl.write(rec)
+        self.trackers.write(rec)
         self.records.append(rec)
         self.progress.update(self.task, completed=state.step, info=f"loss {rec.get(self.main_term, math.nan):.4f} "
                              f"lr {lr:.2e} {rec['tokens_per_s']:,.0f} tok/s mfu {rec['mfu']:.1%}")
@@ -168,9 +180,12 @@ class TrainLog:
         return {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
 
     def eval(self, state: TrainState, res: dict) -> None:
-        """Write a `split: valid` record and print one line."""
+        """Write a `split: valid` record and print one line. Its "tokens" are the input tokens trained on so far,
+        as in every record; "eval_tokens" the targets evaluated (evaluate's "tokens")."""
+        rec = {"step": state.step, "split": "valid", **res, "tokens": state.tokens, "eval_tokens": res["tokens"]}
+        self.trackers.write(rec)
         if self.jsonl:
-            self.jsonl.write({"step": state.step, "tokens": state.tokens, "split": "valid", **res})
+            self.jsonl.write(rec)
             self.progress.console.print(f"step {state.step:>6}  valid loss {res['loss']:.4f}  ppl "
                                         f"{res['perplexity']:.2f}  bits/byte {res['bits_per_byte']:.3f}")
 

@@ -3,11 +3,14 @@ loading a trained model from it (`load`, used by eval and generate; the trainer'
 pieces, then restores the optimizer too).
 
     RUN/config.json                 the resolved config, plus where each non-default value came from ("sources")
+                                    and what was decided during the run ("notes": a time budget's horizon)
     RUN/tokenizer.model             a copy of the run's tokenizer
     RUN/data.json                   the token cache's metadata (source, fingerprint, counts)
     RUN/metrics.jsonl               one JSON object per log step and per evaluation
     RUN/summary.json                what the run printed at its end
-    RUN/eval.json                   written by `pretrain eval`
+    RUN/eval.json                   written by `pretrain eval` (RUN/eval-NAME.json: on other data)
+    RUN/tensorboard/                TensorBoard event files (train.report_to), against steps/ and tokens/
+    RUN/.running                    while a session trains: its pid and host (pretrain/runlist.py reads it)
     RUN/checkpoints/step_NNNNNNN/   safetensors weights + JSON state (pretrain/checkpoint.py)
 """
 
@@ -66,6 +69,20 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    # --- reports and listings (pretrain/tracking.py, pretrain/runlist.py) ---
+    def eval_for(self, data_name: str) -> Path:
+        """Where `pretrain eval` writes its results on other data than the run's own."""
+        return self.path / f"eval-{data_name}.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def running(self) -> Path:
+        return self.path / ".running"
+    # --- end reports and listings ---
+
     def holds_run(self) -> bool:
         """Whether `pretrain run` already started a run here."""
         return self.config.exists()
@@ -75,7 +92,8 @@ class RunDir:
         return name in OURS or name.startswith(("eval", ".")) and name.endswith((".json", ".tmp"))
 
 
-OURS = {"config.json", "tokenizer.model", "data.json", "metrics.jsonl", "summary.json", "checkpoints"}
+OURS = {"config.json", "tokenizer.model", "data.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard",
+        ".running"}
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -176,10 +194,19 @@ def load_config(run_dir: Path) -> Config:
     if not isinstance(raw, dict):
         raise UserError(f"{path} holds a {type(raw).__name__}, not a config; it is not the file `pretrain run` wrote")
     raw.pop("sources", None)
+    raw.pop("notes", None)
     try:
         return config_from_dict(raw)
     except UserError as e:
         raise UserError(f"{path} is not a valid run config: {e}") from None
+
+
+def add_note(run: RunDir, name: str, note: Any) -> None:
+    """Record in config.json's "notes" something decided during the run (not a config value: a resume reads
+    its config without it)."""
+    raw = json.loads(run.config.read_text())
+    raw.setdefault("notes", {})[name] = note
+    write_json(run.config, raw)
 
 
 def fingerprint(cfg: Config, vocab_size: int) -> dict:

@@ -12,10 +12,14 @@ Every batch is a pure function of (seed, step, global micro-batch index) (pretra
 batch, its split over ranks, the batch ramp), and a checkpoint stores the weights, optimizer, every rank's
 dropout RNG and the `TrainState`: a resumed run repeats an uninterrupted one bit for bit on CPU. Under
 torchrun the model is replicated (DDP) or sharded (FSDP2) over the ranks (pretrain/parallel.py).
+
+Budgets: max_steps, max_tokens and max_time (a wall-clock budget whose schedule horizon is estimated from the
+measured step time, pretrain/budget.py); the first one spent ends the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -32,11 +36,13 @@ from pretrain import checkpoint as ckpt
 from pretrain import parallel
 from pretrain import run as runs
 from pretrain.batches import BatchPlan, loader
+from pretrain.budget import Horizon
 from pretrain.checkpoint import TrainState
 from pretrain.errors import UserError
 from pretrain.evaluate import evaluate
 from pretrain.metrics import Meter, TrainLog
 from pretrain.optim import build_optimizer, set_lr
+from pretrain.runlist import running
 from pretrain.runtime import Engine, Interrupts, Runtime, setup_runtime, warn_if_busy
 
 if TYPE_CHECKING:
@@ -106,11 +112,12 @@ def train(cfg: Config, run_dir: Path, start: Start | None = None, console: Conso
     engine, state = _start(cfg, run, dataclasses.replace(rt), mode, prepared, start)
     if resume and rt.main:
         runs.keep_metrics_until(run, state.step)  # the steps after the checkpoint are logged again
-    summary = _loop(cfg, run, engine, state, data, console)
-    baseline = cfg.objective.baseline(data.train, data.vocab, cfg.data.seq_len)  # a reference figure beside ours
-    summary.update({f"baseline_{k}": v for k, v in baseline.items()})
-    if rt.main:
-        runs.write_json(run.summary, summary)
+    with running(run) if rt.main else contextlib.nullcontext():  # `pretrain runs` tells a live run from a crash
+        summary = _loop(cfg, run, engine, state, data, console)
+        baseline = cfg.objective.baseline(data.train, data.vocab, cfg.data.seq_len)  # a reference figure beside ours
+        summary.update({f"baseline_{k}": v for k, v in baseline.items()})
+        if rt.main:
+            runs.write_json(run.summary, summary)
     if rt.world > 1:  # leave together, DDP's reducer gone first: tearing down under it can abort a rank at exit
         del engine
         dist.barrier()
@@ -167,27 +174,28 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
     """The training loop proper (see the module docstring for the order of one step)."""
     tc, obj, rt = cfg.train, cfg.objective, engine.rt
     plan = BatchPlan.of(cfg, rt.world)
-    horizon, start = _horizon(cfg, plan), state.step
-    batches = loader(cfg, data, plan, rt, start, horizon)
-    log = TrainLog(cfg, engine, run.metrics if rt.main else None, console, start, horizon)
+    hz, start = Horizon(tc, _horizon(cfg, plan), state, _agree(rt)), state.step
+    batches = loader(cfg, data, plan, rt, start, hz.cap)
+    log = TrainLog(cfg, engine, run if rt.main else None, console, state, hz.steps)
     saver = _Saver(cfg, run, engine, state, console)
     stop, t_start = "max_steps", time.perf_counter() - state.elapsed
+    spent = hz.exhausted(state)  # a token or time budget spent (checked after every step)
     with log, Interrupts(enabled=rt.world == 1) as ctrl_c:
-        while state.step < horizon:
+        while state.step < hz.cap:
             step = state.step
-            if tc.max_tokens and state.tokens >= tc.max_tokens:
-                stop = "max_tokens"
+            if spent:
+                stop = spent
                 break
-            set_lr(engine.opt, tc, plan.lr_clock(step), plan.lr_clock(horizon))
+            set_lr(engine.opt, tc, plan.lr_clock(step), plan.lr_clock(hz.steps))
             if tc.eval_every and step % tc.eval_every == 0 and step > start:  # maybe eval
                 _eval_and_log(engine, cfg, data, state, log)
                 if tc.patience and state.bad_evals >= tc.patience:
                     stop = "plateau"
                     break
-            rng = ckpt.rng_state()
+            rng, t_step = ckpt.rng_state(), time.perf_counter()
             try:
                 gnorm, step_tokens = train_step(obj, engine, [next(batches) for _ in range(plan.local(step))], tc,
-                                                log.meter, log.on_micro(step, then=ctrl_c.check))
+                                                log.meter, log.on_micro(step, plan.local(step), then=ctrl_c.check))
             except KeyboardInterrupt:  # checkpoint the steps done (with the RNG as the step began): exact resume
                 saver.interrupted(None if ctrl_c.forced else rng, start)
                 raise
@@ -195,7 +203,11 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
                 raise saver.non_finite(f"non-finite loss or gradient at step {step + 1}")
             state.step, state.tokens = state.step + 1, state.tokens + step_tokens
             state.elapsed = time.perf_counter() - t_start
-            log.step(state, engine.opt.param_groups[0]["lr"], float(gnorm), step_tokens)
+            spent = hz.exhausted(state)
+            if hz.observe(state, time.perf_counter() - t_step):  # the time budget's horizon, frozen from now on
+                _froze(run, hz, log, rt)
+            log.step(state, engine.opt.param_groups[0]["lr"], float(gnorm), step_tokens,
+                     last=bool(spent) or state.step >= hz.cap)
             if ctrl_c.pending:  # pressed during the optimizer update: the step is complete now, save it
                 saver.interrupted(ckpt.rng_state(), start)
                 raise KeyboardInterrupt
@@ -206,6 +218,7 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
     if saver.saved_step != state.step:
         saver.save()
     return {"steps": state.step, "tokens": state.tokens, "seconds": state.elapsed, "stopped_by": stop,
+            "horizon": hz.steps, "horizon_from": hz.source,
             "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), **log.summary(),
             **{f"val_{k}": v for k, v in last_eval.items()}, "run_dir": str(run.path)}
 
@@ -251,9 +264,30 @@ class _Saver:
 
 
 def _horizon(cfg: Config, plan: BatchPlan) -> int:
-    """Optimizer steps the schedule runs for: max_steps, or fewer when the token budget ends first."""
+    """The step budget: max_steps, or fewer when the token budget ends first. The loop never passes it; a time
+    budget may end the schedule (and the run) sooner (pretrain/budget.py)."""
     tc = cfg.train
     return min(tc.max_steps, plan.steps_for_tokens(tc.max_tokens)) if tc.max_tokens else tc.max_steps
+
+
+def _agree(rt: Runtime):
+    """agree(value, "max" | "min"): the value all ranks agree on (so they stop at the same step and plan the same
+    horizon); the value itself on one process."""
+    def agree(value: float, op: str) -> float:
+        if rt.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+        return float(t.item())
+
+    return agree
+
+
+def _froze(run: runs.RunDir, plan: Horizon, log: TrainLog, rt: Runtime) -> None:
+    """A time budget's horizon was just frozen: the progress bar learns its end, config.json notes it."""
+    log.set_horizon(plan.steps)
+    if rt.main:
+        runs.add_note(run, "horizon", plan.note())
 
 
 def train_step(obj: Objective, engine: Engine, micro: list[Batch], tc: TrainConfig, meter: Meter,
