@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pretrain import stream
 from pretrain.bars import Bars
 from pretrain.errors import UserError
 from pretrain.manifest import complete_parts, finalize, part_name
@@ -32,7 +33,7 @@ from pretrain.shards import (
     read_json,
     write_json,
 )
-from pretrain.stream import CHUNK_BYTES, resolve_source, sha_json
+from pretrain.stream import resolve_source, sha_json
 from pretrain.workers import token_dtype, worker_count
 
 TOKENIZER_SEED = 1234  # sentencepiece's sampling seed when training a tokenizer for a corpus
@@ -42,7 +43,7 @@ def workers_for(cfg: Any, source: Any, part: tuple[int, int]) -> int:
     """Worker processes: data.workers (0 = all cores), no more than the input has chunks."""
     n = worker_count(cfg.workers)
     total = source.total(part) if source.kind == "files" else None
-    return min(n, total // CHUNK_BYTES + 1) if total is not None else n
+    return min(n, total // stream.CHUNK_BYTES + 1) if total is not None else n
 
 
 def _mkdir(path: Path, made: list[Path]) -> None:
@@ -129,8 +130,9 @@ def _run_part(cfg: Any, source: Any, tok: Any, path: Path, part: tuple[int, int]
             built[0] += tokens
             bars.advance(task, chunk.units, nbytes=int(res["doc_bytes"].sum()), docs=docs, tokens=tokens)
 
+        progress["workers"] = workers_for(cfg, source, part)
         try:
-            build_part(source, part, cfg, tok.model_bytes, folder, progress, workers_for(cfg, source, part), on_chunk)
+            build_part(source, part, cfg, tok.model_bytes, folder, progress, progress["workers"], on_chunk)
         finally:  # an interrupted run keeps its time and work in the progress of its finished shards
             progress["seconds"] = progress.get("seconds", 0.0) + time.perf_counter() - t
             progress["tokens_built"] = progress.get("tokens_built", 0) + built[0]
@@ -157,7 +159,7 @@ def _stats(manifest: dict, build: dict, reused: bool, seconds: float, path: Path
             "dtype": manifest["dtype"]}
 
 
-def _merge(cfg: Any, source: Any, tok: Any, path: Path, n: int, key: str, timings: dict, workers: int) -> dict:
+def _merge(cfg: Any, source: Any, tok: Any, path: Path, n: int, key: str, timings: dict) -> tuple[dict, dict]:
     """Finalize parts 0..N-1 and write build.json; returns build.json's figures."""
     common = _common(cfg, tok, source, key)
     if source.kind == "builtin":
@@ -172,7 +174,7 @@ def _merge(cfg: Any, source: Any, tok: Any, path: Path, n: int, key: str, timing
         built = sum(p.get("tokens_built", 0) for p in parts)
         build = {"read_seconds": timings.get("read_seconds", 0.0),
                  "tokenizer_seconds": timings.get("tokenizer_seconds", 0.0), "tokenize_seconds": seconds,
-                 "tokens_per_s": built / max(seconds, 1e-9), "workers": workers,
+                 "tokens_per_s": built / max(seconds, 1e-9), "workers": max(p.get("workers", 1) for p in parts),
                  "shards_built": sum(len(p["shards"]) - p.get("resumed", 0) for p in parts),
                  "shards_resumed": sum(p.get("resumed", 0) for p in parts)}
         write_json(path / "build.json", build)
@@ -239,7 +241,7 @@ def _prepare(cfg: Any, extra_pieces: tuple[str, ...], show: bool, console: Any, 
             folder = path / part_name((0, 1))
             _run_part(cfg, source, tok, path, (0, 1), key, bars, made)
             n = 1
-        manifest, build = _merge(cfg, source, tok, path, n, key, timings, workers_for(cfg, source, (0, 1)))
+        manifest, build = _merge(cfg, source, tok, path, n, key, timings)
         cache = TokenCache.open(path)
         return Prepared(tok, cache, _stats(cache.meta, build, False, time.perf_counter() - t0, path))
     except FolderError:

@@ -55,7 +55,8 @@ TAIL_BYTES = 1 << 16  # the cut of a text chunk is looked for in its last 64 KiB
 JSON_WHOLE_BYTES = 64 << 20  # a .json file up to this size is parsed whole; a larger one is read as JSON lines
 HASH_BUDGET = 64 << 20  # content bytes hashed for a fingerprint (the rest is fingerprinted by size and mtime)
 HASH_ENDS = 1 << 16  # a file too big for the budget has its first and last 64 KiB hashed
-_BLANK = re.compile(rb"(?:\r\n|\r|\n)[ \t]*(?:\r\n|\r|\n)")  # a blank line, any line-break convention
+_BREAK = rb"(?:\r\n|\r(?!\n)|\n)"  # one line break of any convention (a CRLF is never two)
+_BLANK = re.compile(_BREAK + rb"[ \t]*" + _BREAK)  # a blank line
 
 
 @dataclass
@@ -256,23 +257,31 @@ def _cut(buf: bytearray, kind: str) -> int:
 
 
 def _text_pieces(p: Path, kind: str, offset: int, line: int):
-    """(piece, bytes, position after it, ends the file) of a text file from byte `offset` (line `line`)."""
+    """(piece, bytes, position after it, ends the file) of a text file from byte `offset` (line `line`).
+    A piece starting at byte o is cut from the window file[o:o + CHUNK_BYTES] (longer only while it holds no
+    cut), so it depends on o alone: reading restarted at any piece gives the same pieces."""
     with open(p, "rb") as f:
         f.seek(offset)
-        buf, first, eof = bytearray(), offset == 0, False
-        while not eof:
-            block = f.read(CHUNK_BYTES)
-            buf += block
-            eof = not block
+        buf, first, eof, window = bytearray(), offset == 0, False, CHUNK_BYTES
+        while True:
+            if not eof and len(buf) < window:
+                want = window - len(buf)
+                block = f.read(want)
+                buf += block
+                eof = len(block) < want
             cut = len(buf) if eof else _cut(buf, kind)
             if cut < 0:
-                continue  # one document longer than a block: read on
-            data = bytes(buf[:cut])
+                window += CHUNK_BYTES  # one document longer than the window: read on
+                continue
+            data, window = bytes(buf[:cut]), CHUNK_BYTES
             del buf[:cut]
             offset, lines = offset + cut, data.count(b"\n")
-            if data or first or eof:  # the end is always marked, and an empty file still gives a piece
-                yield Piece(kind, str(p), data, line, first), cut, {"offset": offset, "line": line + lines}, eof
+            done = eof and not buf
+            if data or first or done:  # the end is always marked, and an empty file still gives a piece
+                yield Piece(kind, str(p), data, line, first), cut, {"offset": offset, "line": line + lines}, done
             line, first = line + lines, False
+            if done:
+                return
 
 
 def _parquet_pieces(p: Path, row: int, text_field: str):
