@@ -69,6 +69,7 @@ class ShardedTokens:
 
     @property
     def shape(self) -> tuple[int]:
+        """(N,), as an array's."""
         return (len(self),)
 
     ndim = 1
@@ -134,14 +135,17 @@ class TokenSplit:
 
     @property
     def n_tokens(self) -> int:
+        """N, the split's tokens."""
         return int(self.doc_offsets[-1])
 
     @property
     def n_docs(self) -> int:
+        """D, the split's documents."""
         return len(self.doc_offsets) - 1
 
     @property
     def n_sents(self) -> int:
+        """S, the split's sentences."""
         return len(self.sent_offsets) - 1
 
     @cached_property
@@ -245,6 +249,7 @@ class TokenCache:
                 tokens = tokens.maps[0]  # one shard: a plain memory map (np.asarray costs nothing)
 
             def load(arr: str) -> np.ndarray:
+                """One global array of the split, memory-mapped."""
                 return np.load(self.path / f"{name}.{arr}.npy", mmap_mode="r")
 
             split = TokenSplit(tokens=tokens, doc_offsets=load("docs"), sent_offsets=load("sents"),

@@ -100,6 +100,7 @@ def _move_one(path: Path, segs: dict[str, list[dict]], n_bytes: dict[str, int], 
     s0, s1 = (int(x) for x in np.searchsorted(sents, docs[[d, d + 1]]))
 
     def cut(d0: int, d1: int, a: int, b: int) -> dict:
+        """The segment's documents [d0, d1) (sentences [a, b))."""
         return {**seg, "docs": [d0, d1], "sents": [a, b], "tokens": [int(docs[d0]), int(docs[d1])]}
 
     rest = [cut(0, d, 0, s0), cut(d + 1, seg["docs"][1], s1, seg["sents"][1])]
@@ -120,11 +121,13 @@ class _Appender:
         np.lib.format.write_array_header_1_0(self.f, {"descr": "<i8", "fortran_order": False, "shape": (length,)})
 
     def add(self, values) -> None:
+        """Append values (int64)."""
         arr = np.asarray(values, dtype="<i8")
         self.left -= len(arr)
         arr.tofile(self.f)
 
     def close(self) -> None:
+        """Flush, fsync and rename into place (every value must have been added)."""
         assert self.left == 0, "wrong length"
         self.f.flush()
         os.fsync(self.f.fileno())

@@ -74,9 +74,11 @@ def _tokenizer(cfg: Any, source: Any, extra_pieces: tuple[str, ...], root: Path,
         task = bars.task("sampling", source.total((0, 1)) if source.kind != "dataset" else None)
 
         def on_chunk(chunk, docs, nbytes):
+            """Progress of the sample pass."""
             bars.advance(task, chunk.units, nbytes=nbytes, docs=docs)
 
         def on_train():
+            """The sample is drawn: training starts."""
             bars.finish(task)
             train_task.append(bars.task("tokenizer", None))
 
@@ -127,6 +129,7 @@ def _run_part(cfg: Any, source: Any, tok: Any, path: Path, part: tuple[int, int]
         t, built = time.perf_counter(), [0]
 
         def on_chunk(chunk, res, docs, tokens):
+            """Progress of the tokenize pass."""
             built[0] += tokens
             bars.advance(task, chunk.units, nbytes=int(res["doc_bytes"].sum()), docs=docs, tokens=tokens)
 

@@ -99,6 +99,8 @@ class Lock:
         self.held = False
 
     def acquire(self) -> None:
+        """Take the lock: wait while a live process on this host holds it, take it over from a dead one,
+        FolderError when another host holds it."""
         me = {"host": socket.gethostname(), "pid": os.getpid()}
         while True:
             try:
@@ -126,6 +128,7 @@ class Lock:
             return
 
     def release(self) -> None:
+        """Give the lock back (if held)."""
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False

@@ -48,6 +48,7 @@ class BuiltinSource(Source):
         self._docs: dict[int, list[str]] = {}  # parsed once: the corpus is a fixed 1.5 MB, read up to 3 times
 
     def sizes(self) -> list[int]:
+        """Bytes of each source file."""
         return self._sizes
 
     def documents(self, i: int) -> list[str]:
@@ -59,10 +60,12 @@ class BuiltinSource(Source):
         return self._docs[i]
 
     def chunks(self, part=(0, 1), start=None):
+        """The docstrings of the part's files, a "values" piece per file; a position is the next file."""
         lo, hi = self.part_range(part)
         start = start or {"chunk": 0, "file": lo}
 
         def items():
+            """(piece, units, position after, ends a file) per source file."""
             for i in range(start["file"], hi):
                 yield Piece("values", str(self.paths[i]), self.documents(i), 0, True), self._sizes[i], \
                     {"file": i + 1}, False
@@ -123,6 +126,7 @@ class DatasetSource(Source):
         return [1] * self.stream().n_shards
 
     def check_part(self, part):
+        """UserError when the dataset has fewer data files (or rows) than parts."""
         self._part(part)
 
     def _part(self, part: tuple[int, int]):
@@ -146,6 +150,7 @@ class DatasetSource(Source):
         return info.num_examples // part[1] if info is not None and info.num_examples else None
 
     def chunks(self, part=(0, 1), start=None):
+        """Rows of the part by batch, cut at CHUNK_BYTES characters; a position is the rows read."""
         start = start or {"chunk": 0, "row": 0}
         return _chunks(self._items(part, start["row"]), start)
 

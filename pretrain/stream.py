@@ -185,9 +185,11 @@ class FileSource(Source):
         self.paths, self.cfg, self._sizes = files, cfg, [d[1] for d in digests]
 
     def sizes(self) -> list[int]:
+        """Bytes of each file."""
         return self._sizes
 
     def chunks(self, part=(0, 1), start=None):
+        """The part's files piece by piece; a position is (file, byte offset or Parquet row, line)."""
         lo, hi = self.part_range(part)
         start = start or {"chunk": 0, "file": lo, "offset": 0, "line": 1}
         return _chunks(self._items(start, hi), start)

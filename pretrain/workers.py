@@ -20,6 +20,8 @@ import hashlib
 import itertools
 import os
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -65,7 +67,18 @@ def setup(model_bytes: bytes | None, cfg: Any, worker: bool = False) -> None:
 
 
 def _worker_setup(model_bytes: bytes | None, cfg: Any) -> None:
+    """Pool initializer: set up, and leave when the parent dies (a kill -9 of prepare must not leave workers
+    blocked on their queue forever)."""
     setup(model_bytes, cfg, worker=True)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:  # reparented: the main process is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def ordered_map(fn: Callable, items: Iterable, args_of: Callable, workers: int, model_bytes: bytes | None,
