@@ -31,7 +31,7 @@ import numpy as np
 
 from pretrain.errors import UserError
 
-GENERATOR_VERSION = 1  # bump when the corpus generator changes: generated files are then rewritten
+GENERATOR_VERSION = 2  # bump when the corpus generator changes: generated files are then rewritten
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
 
 
@@ -65,9 +65,9 @@ def make_corpus(path: Path, size: int, seed: int = 0) -> None:
             out[1::2] = vocab[mapping[ids]]
             text = "".join(out.tolist())
             data = text.encode("utf-8")
-            if written + len(data) > size:
-                data = data[: data.rfind(b"\n\n", 0, size - written) + 2]
-                text = data.decode("utf-8")
+            if written + len(data) > size:  # the last copy: cut after its last document that fits
+                f.write(data[: data.rfind(b"\n\n", 0, size - written) + 2].decode("utf-8"))
+                break
             f.write(text)
             written += len(data)
             copy += 1

@@ -169,6 +169,7 @@ def finalize(path: Path, n: int, common: dict) -> dict:
     """Join the complete parts 0..N-1 of the cache at `path`: write the global arrays, then manifest.json
     (last: from then on the cache is trusted). `common` is what the manifest says about the inputs
     (tokenizer, source, options, dtype, vocab_size). UserError when the corpus has fewer than 2 documents."""
+    _remove_stale_tmp(path)
     segs, n_bytes, replaced = _segments(path, n)
     total = sum(g["docs"][1] - g["docs"][0] for s in SPLITS for g in segs[s])
     if total < 2:
@@ -194,6 +195,19 @@ def finalize(path: Path, n: int, common: dict) -> dict:
                 "splits": splits, "replaced_bytes": replaced, "files": files}
     write_json(path / "manifest.json", manifest)
     return manifest
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete the temporary files of merges that were killed (their process is gone; `.NAME.PID.tmp`)."""
+    from pretrain.shards import _alive
+
+    for p in path.glob(".*.tmp"):
+        try:
+            pid = int(p.name.rsplit(".", 2)[-2])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            p.unlink(missing_ok=True)
 
 
 def held_out(docs: list[str], valid_fraction: float, split_seed: int) -> np.ndarray:

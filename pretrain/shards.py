@@ -135,6 +135,7 @@ class Lock:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process of this host is running."""
     if pid <= 0:
         return False
     try:

@@ -257,5 +257,13 @@ def test_prepare_reports_rates_and_the_lock_names_a_foreign_writer(tmp_path, cor
         prepare_part(c, (1, 2), progress=False)
     assert (key / "part-00001-of-00002" / "lock.json").exists()  # another machine's lock is left alone
     os.remove(key / "part-00001-of-00002" / "lock.json")
-    stats = prepare_part(c, (1, 2), progress=False)
+    from rich.console import Console
+
+    console = Console(record=True, width=200, force_terminal=False)
+    stats = prepare_part(c, (1, 2), progress=True, console=console)
     assert stats["tokens_per_s"] > 0 and stats["shards"] >= 1
+    shown = console.export_text()
+    assert "part 1/2" in shown and "MB/s" in shown and "docs/s" in shown and "tok/s" in shown and "100%" in shown
+    (key / ".train.docs.npy.999999999.tmp").write_bytes(b"left by a killed merge")
+    merge_cache(c, progress=False)
+    assert not list(key.glob(".*.tmp"))
