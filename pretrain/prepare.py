@@ -56,7 +56,7 @@ def _mkdir(path: Path, made: list[Path]) -> None:
     made += missing
 
 
-def _tokenizer(cfg: Any, source: Any, extra_pieces: tuple[str, ...], root: Path, bars: Bars, made: list[Path]):
+def _tokenizer(cfg: Any, source: Any, extra_pieces: tuple[str, ...], root: Path, bars: Bars):
     """The given tokenizer, or the one trained for this corpus (trained now on a sample if absent)."""
     from pretrain.sample import train_for_source
     from pretrain.tokenizer import Tokenizer
@@ -224,7 +224,7 @@ def _prepare(cfg: Any, extra_pieces: tuple[str, ...], show: bool, console: Any, 
         if part is not None:
             _check_part(cfg, source, part)
         root = Path(cfg.cache_dir).expanduser()
-        tok, timings = _tokenizer(cfg, source, extra_pieces, root, bars, made)
+        tok, timings = _tokenizer(cfg, source, extra_pieces, root, bars)
         key = cache_key(cfg, tok, source)
         path = root / key
         if (path / "manifest.json").is_file():
