@@ -21,7 +21,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -170,8 +169,3 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     out[:, 0] = start_id
     out[:, 1:] = labels[:, :-1]
     return out.masked_fill(out == IGNORE_INDEX, pad_id)
-
-
-def unigram_counts(split: TokenSplit, size: int) -> np.ndarray:
-    """(size,) float64 count of every id in the split's tokens (what the unigram baselines fit)."""
-    return np.bincount(np.asarray(split.tokens), minlength=size)[:size].astype(np.float64)

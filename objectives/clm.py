@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.config import Arch
-from objectives.base import Batch, Objective, Terms, ce_terms, unigram_counts
+from objectives.base import Batch, Objective, Terms, ce_terms
 
 if TYPE_CHECKING:
     from pretrain.data import TokenSplit
@@ -33,7 +33,7 @@ def stream_windows(split: TokenSplit, starts: torch.Tensor, length: int, sep: in
     separator sits at doc_offsets[d+1] + d. starts (B,) are virtual positions; returns (B, length) int64.
     """
     offsets = split.doc_offsets
-    vstart = offsets[:-1] + np.arange(len(offsets) - 1)  # (D,) virtual start of each document
+    vstart = split.stream_starts  # (D,) virtual start of each document
     v = starts.numpy()[:, None] + np.arange(length)  # (B, L) virtual positions
     d = np.searchsorted(vstart, v, side="right") - 1  # (B, L) document of each position
     real = offsets[d] + (v - vstart[d])  # position in the real token array (== doc end at the separator)
@@ -75,7 +75,7 @@ class CausalLM(Objective):
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Bits per byte of a unigram model fit and scored on `split` (the trainer passes the training split):
         the figure any language model must beat."""
-        counts = unigram_counts(split, vocab.size)
+        counts = split.unigram_counts(vocab.size).astype(np.float64)
         counts[vocab.eos] += split.n_docs
         p = counts[counts > 0] / counts.sum()
         nats = -(counts[counts > 0] * np.log(p)).sum()

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from models.config import Arch
-from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, shift_right, unigram_counts
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, shift_right
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -385,7 +385,7 @@ class Denoising(Objective):
         """Loss in nats per target token of the best unigram model of the targets: the block tokens
         (unigram-distributed as in the split) plus one `<s>` and one `</s>` per block, their share 2/(n+2)
         estimated from the mean content length n of 4096 fixed blocks."""
-        counts = unigram_counts(split, vocab.size)
+        counts = split.unigram_counts(vocab.size).astype(np.float64)
         p = counts[counts > 0] / counts.sum()
         h = float(-(p * np.log(p)).sum())
         starts = np.random.default_rng(0).integers(0, split.n_sents, 4096)

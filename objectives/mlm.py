@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from models.config import Arch
-from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, unigram_counts
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms
 from objectives.clm import stream_windows
 from pretrain.errors import UserError
 
@@ -199,7 +199,7 @@ class MaskedLM(Objective):
 
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Masked-token accuracy of always predicting the most frequent maskable piece."""
-        counts = unigram_counts(split, vocab.size)
+        counts = split.unigram_counts(vocab.size).astype(np.float64)
         counts[vocab.special] = 0
         total = counts.sum()
         return {"majority_acc": float(counts.max() / total)} if total > 0 else {}
@@ -290,7 +290,7 @@ def _full_sentences(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: in
     s0 = _uniform_below(torch.rand(B, generator=gen, dtype=torch.float64).numpy(), np.int64(split.n_sents))
     sent_doc = split.sent_doc
     v0 = soff[s0] + sent_doc[s0]  # (B,) virtual stream start (document d is shifted by d separators)
-    vstart = off[:-1] + np.arange(split.n_docs)  # (D,) virtual start of each document
+    vstart = split.stream_starts  # (D,) virtual start of each document
     vL = v0 + L  # (B,) exclusive virtual end of the budget
     dL = np.searchsorted(vstart, vL, side="right") - 1
     rL = np.minimum(off[dL] + (vL - vstart[dL]), off[dL + 1])  # the budget's end in the real token array

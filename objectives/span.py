@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from models.config import Arch
-from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, shift_right, unigram_counts
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, shift_right
 from pretrain.errors import UserError
 from pretrain.tokenizer import N_SENTINELS
 
@@ -141,7 +141,7 @@ def stream_windows(split: TokenSplit, batch_size: int, length: int, gen: torch.G
 
 def _unigram_entropy(split: TokenSplit, vocab: Vocab) -> float:
     """Entropy in nats of the split's token unigram distribution (the stream has no separators)."""
-    counts = unigram_counts(split, vocab.size)
+    counts = split.unigram_counts(vocab.size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 

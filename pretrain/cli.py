@@ -197,48 +197,50 @@ def prepare(
     sets: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="The cache folder (data.cache_dir; default data/cache); "
                                              "runs reuse it with --set data.cache_dir=DIR.")] = None,
+    part: Annotated[str | None, typer.Option("--part", help="Write part I of N (e.g. --part 0/4) into the cache "
+                                             "folder: one job of a cluster array; every part needs the same --set "
+                                             "data.tokenizer=...")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Join the finished parts into one cache (a plain prepare "
+                                        "or run does it too).")] = False,
+    max_docs: Annotated[int | None, typer.Option("--max-docs", help="Use only the first N documents of the stream "
+                                                 "(data.max_docs).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Tokenizing processes (data.workers; 0 = all "
+                                                "cores).")] = None,
 ) -> None:
-    """Build (or reuse) the tokenizer and token cache of the data; print its size and tokenizing speed."""
-    from pretrain.data import prepare as prepare_data
-    from pretrain.metrics import table
+    """Build, continue or reuse the tokenizer and token cache of the data (streamed; parts for a cluster with
+    --part I/N, then --merge); print its size and tokenizing speed."""
+    from pretrain.datacmd import prepare_command
 
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the token cache")
-    cfg, _ = _resolve(recipe, None, data, None, sets, **{"data.cache_dir": None if out is None else str(out)})
-    prepared = prepare_data(cfg.data, extra_pieces=cfg.objective.special_pieces, progress=True, console=console)
-    stats = prepared.stats
-    splits = [k for k in ("train", "valid") if isinstance(stats.get(k), dict)]
-    rows = [(k, *(stats[s].get(k, "") for s in splits), stats.get(k, "")) for k in ("documents", "sentences", "tokens",
-                                                                                    "bytes")]
-    console.print(table(f"token cache {prepared.cache.path}", rows, ("", *splits, "total")))
-    console.print(table("prepare", {k: v for k, v in stats.items() if not isinstance(v, dict) and k not in
-                                    ("documents", "sentences", "tokens", "bytes")}))
+    if part is not None and merge:
+        raise UserError("give --part I/N (one job of N) or --merge (after all N jobs), not both")
+    cfg, _ = _resolve(recipe, None, data, None, sets, **{"data.cache_dir": None if out is None else str(out),
+                                                         "data.max_docs": max_docs, "data.workers": workers})
+    prepare_command(cfg.data, cfg.objective.special_pieces, part, merge, console)
 
 
 @tokenizer_app.command("train")
 @_friendly
 def tokenizer_train(
     data: DataOpt = None,
-    out: Annotated[Path, typer.Option("--out", help="Output path prefix (writes PREFIX.model and PREFIX.vocab).")]
-    = Path("tokenizer"),
+    out: Annotated[Path, typer.Option("--out", help="Output path prefix (writes PREFIX.model, PREFIX.vocab and "
+                                      "PREFIX.json).")] = Path("tokenizer"),
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Pieces, specials and bytes included.")] = 8000,
     kind: Annotated[str, typer.Option("--type", help="unigram or bpe.")] = "unigram",
     recipe: RecipeOpt = None,
     sets: SetOpt = None,
 ) -> None:
-    """Train a sentencepiece tokenizer with the fixed special pieces every objective needs."""
-    from pretrain.data import read_documents, split_sentences
-    from pretrain.tokenizer import train_tokenizer
+    """Train a sentencepiece tokenizer with the fixed special pieces every objective needs, on a uniform sample
+    of at most data.tokenizer_sample sentences of the stream (the one to pass to every `prepare --part`)."""
+    from pretrain.datacmd import tokenizer_command
 
     if kind not in ("unigram", "bpe"):
         raise UserError(f"--type must be 'unigram' or 'bpe', got '{kind}'")
     if Path(f"{out}.model").exists():
         raise UserError(f"{out}.model already exists; choose another --out or delete it")
     cfg, _ = _resolve(recipe, None, data, None, sets)
-    docs = read_documents(cfg.data)
-    # sentence by sentence, exactly as `prepare` trains its tokenizer, so both give the same model
-    path = train_tokenizer((s for d in docs for s in split_sentences(d)), out, vocab_size, kind)
-    console.print(f"wrote {path}", markup=False)
+    tokenizer_command(cfg.data, cfg.objective.special_pieces, out, (vocab_size, kind), console)
 
 
 # ---------------------------------------------------------------------------------------------- listings
@@ -326,6 +328,24 @@ def export_(
     console.print(f"wrote {out}: {card['family']} from {card['checkpoint']} (max abs difference to ours: {diff}); "
                   f"load it with {card['auto_class']}.from_pretrained(\"{out}\")", markup=False, highlight=False,
                   soft_wrap=True)
+
+
+@app.command("bench-prepare")
+@_friendly
+def bench_prepare(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the generated corpus and the caches (outside the "
+                                      "repository).")] = Path("bench-data"),
+    sizes: Annotated[str, typer.Option("--sizes", help="Corpus sizes to prepare, e.g. 20MB,1GB (the largest is "
+                                       "generated).")] = "20MB,1GB",
+    workers: Annotated[str, typer.Option("--workers", help="Worker counts to time tokenizing with.")] = "1,2",
+    timing_size: Annotated[str, typer.Option("--timing-size", help="Corpus size the worker counts are timed on.")]
+    = "200MB",
+) -> None:
+    """Data-path benchmark: generate a corpus, prepare each size (peak RSS of the process and of its workers),
+    and time tokenization with each worker count on a trained tokenizer."""
+    from benchmarks.prepare import run_benchmark
+
+    run_benchmark(out, sizes, workers, timing_size, console)
 
 
 # ---------------------------------------------------------------------------------------------- decoding

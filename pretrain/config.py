@@ -46,8 +46,17 @@ class DataConfig:
     vocab_size: int = 8000  # vocabulary size when training a tokenizer (specials and bytes included)
     vocab_limit: Literal["hard", "soft"] = "hard"  # soft: a corpus too small for vocab_size gets the most it allows
     cache_dir: str = "data/cache"  # where tokenizers and token caches are kept, keyed by their inputs
+    workers: int = 0  # processes that split sentences and tokenize (0 = all cores); the cache never depends on it
+    shard_tokens: int = 1 << 25  # most tokens per cache shard (33.5M; a longer document gets a shard of its own)
+    tokenizer_sample: int = 200_000  # sentences sampled uniformly from the stream to train a tokenizer on
+    max_docs: int = 0  # use only the first N documents of the stream (0 = all)
+    max_tokens: int = 0  # use only the longest prefix of the stream with at most N tokens (0 = all)
 
     def __post_init__(self) -> None:
+        for key in ("workers", "max_docs", "max_tokens"):
+            _check(getattr(self, key) >= 0, f"data.{key}", "must be >= 0", getattr(self, key))
+        _check(self.shard_tokens >= 1, "data.shard_tokens", "must be >= 1", self.shard_tokens)
+        _check(self.tokenizer_sample >= 1, "data.tokenizer_sample", "must be >= 1", self.tokenizer_sample)
         _check(
             0.0 < self.valid_fraction < 0.5, "data.valid_fraction", "must be in (0, 0.5)", self.valid_fraction
         )

@@ -7,9 +7,9 @@ output lines after them), and keep each docstring of at least `MIN_CHARS` charac
 Blank lines inside a docstring stay, so the sentence splitter sees its paragraphs.
 
 The order is deterministic (sorted paths, then source order inside a file), so one Python version gives
-one corpus. `corpus_info` hashes the text for the run's metadata; `corpus_fingerprint` is the cheap key
-(Python version, stdlib path, file names/sizes/mtimes, extraction version) that lets a prepared cache be
-reused without reading the corpus again.
+one corpus; the data path streams it file by file (`source_files`, `file_documents`). `corpus_info` hashes
+the text for the run's metadata; `corpus_fingerprint` is the cheap key (Python version, stdlib path, file
+names/sizes/mtimes, extraction version) that lets a prepared cache be reused without reading the corpus.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _source_files(root: Path) -> list[Path]:
-    """Library .py files under root, sorted, without test/demo/vendored folders or test_*.py files."""
+def source_files(root: Path | None = None) -> list[Path]:
+    """Library .py files under root (default: the stdlib), sorted, without test/demo/vendored folders or
+    test_*.py files."""
+    root = stdlib_dir() if root is None else root
     files = []
     for d, dirs, names in os.walk(root):
         dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS and not x.startswith(("config-", "plat-")))
@@ -86,25 +88,28 @@ def _docstrings(tree: ast.Module) -> list[str]:
     return [s for _, s in sorted(found, key=lambda x: x[0])]
 
 
-def stdlib_documents() -> list[str]:
-    """The built-in corpus: one document per standard-library docstring (>= MIN_CHARS characters).
-
-    Docstrings are dedented (`inspect.cleandoc`), doctest examples dropped, trailing spaces removed and
-    runs of blank lines collapsed to one blank line. Reads ~600 files in about a second; caches nothing.
-    """
+def file_documents(path: Path) -> list[str]:
+    """The documents of one source file: its docstrings of at least MIN_CHARS characters, dedented
+    (`inspect.cleandoc`), doctest examples dropped, trailing spaces removed and runs of blank lines
+    collapsed to one blank line. An unparsable or unreadable file gives none."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, OSError):  # a file for another Python version, or unreadable
+        return []
     docs = []
-    for path in _source_files(stdlib_dir()):
-        try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (SyntaxError, ValueError, OSError):  # a file for another Python version, or unreadable
-            continue
-        for raw in _docstrings(tree):
-            text = inspect.cleandoc(raw)
-            text = "\n".join(line.rstrip() for line in text.split("\n"))
-            text = drop_doctests(text)
-            if len(text) >= MIN_CHARS:
-                docs.append(text)
+    for raw in _docstrings(tree):
+        text = inspect.cleandoc(raw)
+        text = "\n".join(line.rstrip() for line in text.split("\n"))
+        text = drop_doctests(text)
+        if len(text) >= MIN_CHARS:
+            docs.append(text)
     return docs
+
+
+def stdlib_documents() -> list[str]:
+    """The built-in corpus: one document per standard-library docstring (see `file_documents`), in
+    `source_files` order. Reads ~600 files in about a second; caches nothing."""
+    return [d for path in source_files() for d in file_documents(path)]
 
 
 def corpus_fingerprint() -> str:
@@ -115,7 +120,7 @@ def corpus_fingerprint() -> str:
     """
     root = stdlib_dir()
     h = hashlib.sha256(f"{CORPUS_NAME} v{CORPUS_VERSION} {platform.python_version()} {root}\n".encode())
-    for path in _source_files(root):
+    for path in source_files(root):
         st = path.stat()
         h.update(f"{path.relative_to(root)} {st.st_size} {st.st_mtime_ns}\n".encode())
     return h.hexdigest()

@@ -141,7 +141,7 @@ def check_extra_pieces(pieces: tuple[str, ...]) -> None:
 
 
 def _trainer_options(vocab_size: int, model_type: str, character_coverage: float,
-                     extra_pieces: tuple[str, ...] = ()) -> dict:
+                     extra_pieces: tuple[str, ...] = (), n_texts: int = 0) -> dict:
     """Sentencepiece trainer options: the fixed specials (then `extra_pieces`), byte fallback and the
     round-trip normalization."""
     return dict(
@@ -155,7 +155,7 @@ def _trainer_options(vocab_size: int, model_type: str, character_coverage: float
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,  # runs of spaces (indentation) may become one piece
         max_sentence_length=MAX_SENTENCE_BYTES,
-        input_sentence_size=2_000_000, shuffle_input_sentence=True,  # a seeded sample of huge corpora
+        input_sentence_size=max(2_000_000, n_texts), shuffle_input_sentence=True,  # (prepare samples beforehand)
         num_threads=TRAIN_THREADS, minloglevel=2,  # 2 = errors only: no log spam on stderr
     )
 
@@ -163,9 +163,10 @@ def _trainer_options(vocab_size: int, model_type: str, character_coverage: float
 def train_tokenizer(texts: Iterable[str], out_prefix: Path | str, vocab_size: int,
                     model_type: Literal["unigram", "bpe"] = "unigram", *, seed: int = 1234,
                     character_coverage: float = CHARACTER_COVERAGE, soft_limit: bool = False,
-                    extra_pieces: tuple[str, ...] = ()) -> Path:
+                    extra_pieces: tuple[str, ...] = (), meta: dict | None = None) -> Path:
     """Train a sentencepiece model on `texts` (one sentence or document each) and write `<out_prefix>.model`
-    (and a human-readable `<out_prefix>.vocab`: JSON-escaped piece, tab, score per line). Returns the .model path.
+    (and a human-readable `<out_prefix>.vocab`: JSON-escaped piece, tab, score per line; with `meta`, the
+    metadata `<out_prefix>.json`, which `Tokenizer.load` reads back as `.meta`). Returns the .model path.
 
     Deterministic: same texts, size, type and seed give the same bytes (the thread count is fixed). The
     .model file is written last with an atomic rename, so a present .model file is always complete.
@@ -186,18 +187,22 @@ def train_tokenizer(texts: Iterable[str], out_prefix: Path | str, vocab_size: in
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model,
-                                       **_trainer_options(vocab_size, model_type, character_coverage, extra_pieces))
+                                       **_trainer_options(vocab_size, model_type, character_coverage, extra_pieces,
+                                                          len(texts)))
     except RuntimeError as e:
         most = re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", str(e))
         if not (soft_limit and most and int(most[2]) >= MIN_VOCAB_SIZE):
             raise _training_error(str(e), vocab_size) from None
         return train_tokenizer(texts, out_prefix, int(most[2]), model_type, seed=seed,
-                               character_coverage=character_coverage, extra_pieces=extra_pieces)
+                               character_coverage=character_coverage, extra_pieces=extra_pieces, meta=meta)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(_processor(model.getvalue()), model.getvalue(), out_prefix.with_suffix(".model"))
     vocab_lines = "".join(f"{json.dumps(tok.id_to_piece(i), ensure_ascii=False)[1:-1]}\t{tok.sp.get_score(i):.6g}\n"
                           for i in range(tok.size))  # pieces JSON-escaped, so "\n" is written as \n
     _atomic_write(out_prefix.parent / (out_prefix.name + ".vocab"), vocab_lines.encode("utf-8"))
+    if meta is not None:  # before the .model: a present .model always has its metadata
+        meta = {**meta, "vocab_size": tok.size, "sha256": tok.sha256}
+        _atomic_write(out_prefix.parent / (out_prefix.name + ".json"), json.dumps(meta, indent=1).encode())
     path = out_prefix.parent / (out_prefix.name + ".model")
     _atomic_write(path, model.getvalue())
     return path
@@ -275,11 +280,12 @@ class Tokenizer:
     model bytes).
     """
 
-    def __init__(self, sp, model_bytes: bytes, path: Path | str | None = None):
+    def __init__(self, sp, model_bytes: bytes, path: Path | str | None = None, meta: dict | None = None):
         """Wrap a SentencePieceProcessor; use `Tokenizer.load(path)` rather than this."""
         self.sp = sp
         self.model_bytes = model_bytes
         self.path = Path(path) if path is not None else None
+        self.meta = meta or {}  # PREFIX.json next to the model, when training wrote one (the sample's figures)
         n = N_SPECIAL
         while n < sp.get_piece_size() and sp.is_control(n):  # the extra special pieces follow the fixed ones
             n += 1
@@ -306,7 +312,12 @@ class Tokenizer:
                             "objective needs <pad> <unk> <s> </s> [CLS] [SEP] [MASK] <extra_id_0..99> as control "
                             f"pieces 0..{N_SPECIAL - 1}: train one with `pretrain tokenizer train` (or leave "
                             "data.tokenizer empty)")
-        tok = cls(sp, data, path)
+        meta_path = path.with_suffix(".json")
+        try:
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        except (OSError, ValueError):
+            meta = {}  # metadata is informative only; a model without it is still a model
+        tok = cls(sp, data, path, meta)
         missing = [p for p in extra_pieces if p not in tok.specials]
         if missing:
             raise UserError(f"tokenizer {path} lacks the special pieces {', '.join(missing)} that the objective needs "
@@ -315,6 +326,11 @@ class Tokenizer:
 
     def __reduce__(self):
         return (_tokenizer_from_bytes, (self.model_bytes, self.path))
+
+    @classmethod
+    def from_bytes(cls, model_bytes: bytes) -> Tokenizer:
+        """A tokenizer from the bytes of a .model already validated (a worker process gets it this way)."""
+        return _tokenizer_from_bytes(model_bytes, None)
 
     @property
     def size(self) -> int:

@@ -66,3 +66,17 @@ def test_extraction_rules_on_a_fake_stdlib(tmp_path, monkeypatch):
     before = corpus.corpus_fingerprint()
     (tmp_path / "mod.py").write_text((tmp_path / "mod.py").read_text() + "\n# changed size\n")
     assert corpus.corpus_fingerprint() != before
+
+
+def test_documents_file_by_file_concatenate_to_the_corpus(tmp_path, monkeypatch):
+    long = "This docstring is long enough to be kept as one document."
+    for name in ("a.py", "b.py", "sub/c.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(f'"""{name}: {long}"""\ndef f():\n    """In {name}: {long}"""\n')
+    monkeypatch.setattr(corpus, "stdlib_dir", lambda: tmp_path)
+    files = corpus.source_files()
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a.py", "b.py", "sub/c.py"]
+    per_file = [corpus.file_documents(p) for p in files]
+    assert [len(d) for d in per_file] == [2, 2, 2]
+    assert [d for docs in per_file for d in docs] == corpus.stdlib_documents()
+    assert corpus.file_documents(tmp_path / "missing.py") == []

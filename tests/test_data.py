@@ -11,38 +11,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from corpora import assert_round_trip, cfg_for, decoded_docs, make_docs, split_arrays  # noqa: E402
 
-from pretrain import data  # noqa: E402
+from pretrain import shards  # noqa: E402
 from pretrain.config import DataConfig  # noqa: E402
-from pretrain.data import (  # noqa: E402
-    TokenCache,
-    TokenSplit,
-    prepare,
-    read_documents,
-    split_documents,
-    split_sentences,
-)
+from pretrain.data import TokenCache, TokenSplit, held_out, prepare, read_documents, split_sentences  # noqa: E402
 from pretrain.errors import UserError  # noqa: E402
 from pretrain.tokenizer import N_SPECIAL, Tokenizer, train_tokenizer  # noqa: E402
-
-MULTI = ["café", "naïve", "Zürich", "东京", "日本語", "😀", "🎉", "[MASK]", "<pad>", "<s>", "e.g.", "Mr."]
-
-
-def make_docs(n_docs: int = 80, seed: int = 0) -> list[str]:
-    """Deterministic documents of a few paragraphs of sentences, with accents, CJK, emoji and literal
-    special strings."""
-    rng = random.Random(seed)
-    syl = ["ta", "ko", "ri", "men", "sol", "ex", "an", "der", "pro", "ver", "lin", "qu", "est", "ion"]
-    words = ["".join(rng.choice(syl) for _ in range(rng.randint(1, 3))) for _ in range(250)]
-    words += ["the", "of", "and", "a", "to", "in", "is"] * 10 + MULTI
-    docs = []
-    for _ in range(n_docs):
-        paras = []
-        for _ in range(rng.randint(1, 3)):
-            sents = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(rng.randint(1, 4))]
-            paras.append(" ".join(s[0].upper() + s[1:] + rng.choice([".", "!", "?"]) for s in sents))
-        docs.append("\n\n".join(paras))
-    return docs
 
 
 @pytest.fixture(autouse=True)
@@ -60,27 +35,6 @@ def tok_path(tmp_path_factory):
     docs = make_docs()
     return str(train_tokenizer((s for d in docs for s in split_sentences(d)),
                                tmp_path_factory.mktemp("tok") / "t", 500, "unigram"))
-
-
-def cfg_for(tmp_path, source, **kw) -> DataConfig:
-    return DataConfig(source=str(source), cache_dir=str(tmp_path / "cache"), **kw)
-
-
-def decoded_docs(prep) -> dict[str, list[str]]:
-    """Every document of both splits, decoded from the cache."""
-    out = {}
-    for name in ("train", "valid"):
-        s = prep.cache.split(name)
-        out[name] = [prep.tokenizer.decode(s.tokens[s.doc_offsets[d]:s.doc_offsets[d + 1]]) for d in range(s.n_docs)]
-    return out
-
-
-def assert_round_trip(prep, docs: list[str], cfg: DataConfig) -> None:
-    """Each split's decoded documents are exactly its documents, in corpus order."""
-    is_valid = split_documents(len(docs), cfg.valid_fraction, cfg.split_seed)
-    got = decoded_docs(prep)
-    assert got["train"] == [d for d, v in zip(docs, is_valid, strict=True) if not v]
-    assert got["valid"] == [d for d, v in zip(docs, is_valid, strict=True) if v]
 
 
 # ---------------------------------------------------------------------------------------------- sentences
@@ -105,12 +59,15 @@ def test_split_sentences_concatenates_back_on_random_documents():
         assert len(sents) >= doc.count("\n\n") + 1  # paragraph breaks are boundaries
 
 
-def test_split_documents_is_seeded_and_keeps_both_splits():
-    a = split_documents(100, 0.1, 7)
-    assert a.sum() == 10 and (a == split_documents(100, 0.1, 7)).all() and (a != split_documents(100, 0.1, 8)).any()
-    assert split_documents(2, 0.01, 0).sum() == 1 and split_documents(3, 0.49, 0).sum() == 1
-    with pytest.raises(UserError, match="needs at least 2"):
-        split_documents(1, 0.1, 0)
+def test_held_out_is_a_seeded_hash_of_each_document_and_keeps_both_splits():
+    docs = make_docs(400, seed=2)
+    a = held_out(docs, 0.1, 7)
+    assert 20 <= a.sum() <= 60  # Binomial(400, 0.1): mean 40, sd 6
+    assert (a == held_out(docs, 0.1, 7)).all() and (a != held_out(docs, 0.1, 8)).any()
+    assert (held_out(docs[::-1], 0.1, 7) == a[::-1]).all()  # per document: order and neighbours do not matter
+    assert held_out(["same text", "other", "same text"], 0.3, 1)[[0, 2]].tolist() in ([True, True], [False, False])
+    # Two documents always give one of each, whichever way the hashes fall (none held out, or both).
+    assert all(held_out(["a b", "c d"], f, seed).sum() == 1 for f in (0.001, 0.49) for seed in range(40))
 
 
 # ------------------------------------------------------------------------------------ round trip and cache
@@ -122,7 +79,7 @@ def test_round_trip_multilingual_and_literal_specials(tmp_path):
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     cfg = cfg_for(tmp_path, tmp_path / "c.jsonl", vocab_size=500, valid_fraction=0.1)
     prep = prepare(cfg, progress=False)
-    assert read_documents(cfg) == docs
+    assert list(read_documents(cfg)) == docs
     assert_round_trip(prep, docs, cfg)
     for name in ("train", "valid"):
         s = prep.cache.split(name)
@@ -141,7 +98,8 @@ def test_round_trip_multilingual_and_literal_specials(tmp_path):
     st = prep.stats
     assert st["reused"] is False and st["documents"] == len(docs)
     assert st["tokens"] == len(s.tokens) + len(prep.cache.split("valid").tokens)
-    assert st["train"]["documents"] + st["valid"]["documents"] == len(docs) and st["valid"]["documents"] == 8
+    assert st["train"]["documents"] + st["valid"]["documents"] == len(docs)
+    assert st["valid"]["documents"] == held_out(docs, 0.1, cfg.split_seed).sum() > 0
     assert st["bytes"] == sum(len(d.encode()) for d in docs) and st["tokens_per_s"] > 0
     assert st["sentences"] == sum(len(split_sentences(d)) for d in docs)
     meta = prep.cache.meta
@@ -187,7 +145,7 @@ KINDS = ["txt-block", "txt-line", "jsonl", "json-list", "json-wrapped", "parquet
 def test_prepare_reads_every_local_format(tmp_path, tok_path, kind):
     source, extra, want = write_formats(tmp_path, make_docs(30, seed=5))[kind]
     cfg = cfg_for(tmp_path, source, tokenizer=tok_path, **extra)
-    assert read_documents(cfg) == want
+    assert list(read_documents(cfg)) == want
     prep = prepare(cfg, progress=False)
     assert_round_trip(prep, want, cfg)
     assert prep.tokenizer.path == Tokenizer.load(tok_path).path
@@ -203,16 +161,16 @@ def test_datasets_path_with_a_local_folder_and_a_saved_dataset(tmp_path, tok_pat
     with open(tmp_path / "csvs" / "part.csv", "w", newline="") as f:
         csv.writer(f).writerows([["text", "label"]] + [[t, 1] for t in docs])
     cfg = cfg_for(tmp_path, tmp_path / "csvs", tokenizer=tok_path, dataset_split="train")
-    assert read_documents(cfg) == docs
+    assert list(read_documents(cfg)) == docs
     assert_round_trip(prepare(cfg, progress=False), docs, cfg)
 
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:5]}),
                           "test": datasets.Dataset.from_dict({"text": docs[5:]})}).save_to_disk(tmp_path / "saved")
-    assert read_documents(cfg_for(tmp_path, tmp_path / "saved", dataset_split="test")) == docs[5:]
+    assert list(read_documents(cfg_for(tmp_path, tmp_path / "saved", dataset_split="test"))) == docs[5:]
     with pytest.raises(UserError, match="has no column 'body'.*columns: text"):
-        read_documents(cfg_for(tmp_path, tmp_path / "saved", text_field="body"))
+        list(read_documents(cfg_for(tmp_path, tmp_path / "saved", text_field="body")))
     with pytest.raises(UserError, match="could not load dataset 'no-such-user/no-such-dataset'"):
-        read_documents(cfg_for(tmp_path, "no-such-user/no-such-dataset"))
+        list(read_documents(cfg_for(tmp_path, "no-such-user/no-such-dataset")))
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -283,7 +241,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, tok_path):
     (tmp_path / "mixed.txt").write_bytes(text)
     cfg = cfg_for(tmp_path, tmp_path / "mixed.txt", tokenizer=tok_path)
     stats = {}
-    docs = read_documents(cfg, stats)
+    docs = list(read_documents(cfg, stats))
     assert stats["replaced_bytes"] == 2 and docs[-1] == "Latin-1 caf\ufffd and na\ufffdve. Fine."
     prep = prepare(cfg, progress=False)
     assert prep.stats["replaced_bytes"] == 2
@@ -314,38 +272,37 @@ def test_reuse_and_rebuild_when_inputs_change(tmp_path, tok_path):
     assert given.stats["reused"] is False and given.cache.path != changed.cache.path
 
 
-def test_interrupted_build_leaves_nothing_trusted(tmp_path, tok_path, monkeypatch):
+def test_interrupted_build_leaves_nothing_trusted_and_resumes(tmp_path, tok_path, monkeypatch):
     src = tmp_path / "c.txt"
-    src.write_text("\n\n".join(make_docs(20)))
-    cfg = cfg_for(tmp_path, src, tokenizer=tok_path)
-    calls = []
+    src.write_text("\n\n".join(make_docs(60)))
+    cfg = cfg_for(tmp_path, src, tokenizer=tok_path, shard_tokens=300)
+    clean = prepare(cfg_for(tmp_path, src, tokenizer=tok_path, cache_dir=str(tmp_path / "clean")), progress=False)
+    close, calls = shards.ShardWriter.close, []
 
-    def fail_after_train_split(lengths):  # dies while writing, after train.bin and its offsets exist
+    def ctrl_c_at_third_shard(self, after):  # Ctrl-C while the third shard is being closed
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        close(self, after)
 
-    monkeypatch.setattr(data, "_offsets", fail_after_train_split)
+    monkeypatch.setattr(shards.ShardWriter, "close", ctrl_c_at_third_shard)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, progress=False)
     monkeypatch.undo()
-    cache = tmp_path / "cache"
-    assert [p.name for p in cache.iterdir()] == []  # no key folder and no temporary folder left
-
-    # A killed process leaves a temporary folder: it is never trusted, and cleaned up once its pid is gone.
-    stale = cache / ".tmp-0123abcd-999999999"
-    stale.mkdir()
-    (stale / "train.bin").write_bytes(b"\0" * 10)
-    prep = prepare(cfg, progress=False)
-    assert prep.stats["reused"] is False and not stale.exists()
-
-    # A key folder without meta.json (not made by prepare) is refused by TokenCache.open and rebuilt.
-    (prep.cache.path / "meta.json").unlink()
-    with pytest.raises(UserError, match="not a complete token cache"):
-        TokenCache.open(prep.cache.path)
-    rebuilt = prepare(cfg, progress=False)
-    assert rebuilt.stats["reused"] is False and TokenCache.open(rebuilt.cache.path).meta["splits"]
+    (key,) = [p for p in (tmp_path / "cache").iterdir() if p.name != "tokenizers"]
+    part = key / "part-00000-of-00001"
+    assert not (key / "manifest.json").exists() and not (part / "lock.json").exists()
+    assert sorted(p.name for p in part.iterdir()) == ["progress.json", "shard-000000", "shard-000001"]
+    with pytest.raises(UserError, match="not complete.*run the same `pretrain prepare` again"):
+        TokenCache.open(key)
+    # What a kill between the rename and progress.json leaves (a shard no progress lists) is never trusted.
+    (part / "shard-000002").mkdir()
+    (part / ".tmp-shard-000003").mkdir()
+    again = prepare(cfg, progress=False)
+    assert again.stats["shards_resumed"] == 2 and again.stats["shards_built"] == again.stats["shards"] - 2
+    got, want = split_arrays(again.cache), split_arrays(clean.cache)
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
+    assert not (part / ".tmp-shard-000003").exists()
 
 
 def test_open_rejects_corrupt_cache(tmp_path, tok_path):
@@ -353,12 +310,12 @@ def test_open_rejects_corrupt_cache(tmp_path, tok_path):
     src.write_text("\n\n".join(make_docs(10)))
     prep = prepare(cfg_for(tmp_path, src, tokenizer=tok_path), progress=False)
     path = prep.cache.path
-    with open(path / "train.bin", "r+b") as f:
+    with open(path / "part-00000-of-00001" / "shard-000000" / "train.bin", "r+b") as f:
         f.truncate(10)
-    with pytest.raises(UserError, match="corrupt"):
+    with pytest.raises(UserError, match="corrupt.*train.bin has 10 bytes"):
         TokenCache.open(path)
     with pytest.raises(UserError, match="unreadable"):
-        (path / "meta.json").write_text("{")
+        (path / "manifest.json").write_text("{")
         TokenCache.open(path)
 
 
@@ -379,12 +336,12 @@ def test_builtin_corpus_cache_round_trip_and_fast_reuse(tmp_path):
     print(f"\nbuilt-in corpus: build {build:.1f} s, reuse {reuse:.2f} s, {prep.stats['documents']} documents, "
           f"{prep.stats['sentences']} sentences, {prep.stats['tokens']} tokens")
     assert again.stats["reused"] is True and reuse < 2.0
-    # Round trip without reading the corpus again: put the decoded documents back in corpus order and
-    # compare with the sha256 of the text recorded at build time.
+    # Round trip: the decoded splits are the corpus's documents, split by the hash rule, in corpus order.
+    docs = corpus.stdlib_documents()
+    valid = held_out(docs, cfg.valid_fraction, cfg.split_seed)
     got = decoded_docs(prep)
-    is_valid = split_documents(prep.stats["documents"], cfg.valid_fraction, cfg.split_seed)
-    train, valid = iter(got["train"]), iter(got["valid"])
-    docs = [next(valid) if v else next(train) for v in is_valid]
+    assert got["train"] == [d for d, v in zip(docs, valid, strict=True) if not v]
+    assert got["valid"] == [d for d, v in zip(docs, valid, strict=True) if v]
     meta = prep.cache.meta
     assert meta["corpus"] == corpus.corpus_info(docs) and meta["corpus"]["python_version"]
     assert not any(line.lstrip().startswith(">>>") for d in docs for line in d.split("\n"))
@@ -401,4 +358,4 @@ def test_large_vocabulary_uses_uint32(tmp_path, tok_path, monkeypatch):
     prep = prepare(cfg, progress=False)
     assert prep.cache.meta["dtype"] == "uint32" and prep.cache.split("train").tokens.dtype == np.uint32
     monkeypatch.undo()
-    assert_round_trip(prep, read_documents(cfg), cfg)
+    assert_round_trip(prep, list(read_documents(cfg)), cfg)

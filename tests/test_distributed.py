@@ -71,7 +71,7 @@ def test_ddp_and_fsdp_equal_one_process_on_the_same_global_batch(corpus, cache, 
 
 
 def test_fsdp_checkpoints_resume_bit_exact_and_load_in_one_process(corpus, cache, tmp_path):
-    fsdp = sets("train.parallel=fsdp", "train.global_batch=16", "model.dropout=0.1")
+    fsdp = sets("train.parallel=fsdp", "train.global_batch=16", "model.dropout=0.1", "train.precision=fp32")
     full = tmp_path / "full"
     p = torchrun(args(corpus, cache, full, 6, *fsdp))
     assert p.returncode == 0, p.stderr[-3000:]

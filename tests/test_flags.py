@@ -84,7 +84,7 @@ def test_prepare_out_builds_the_cache_that_runs_reuse(trained, tmp_path):
     res = runner.invoke(app, ["prepare", "--data", str(own), "--out", str(cache), *sets("data.vocab_size=420")])
     assert res.exit_code == 0, res.output
     built = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
-    assert list(cache.glob("tokenizers/*.model")) and list(cache.glob("*/meta.json"))
+    assert list(cache.glob("tokenizers/*.model")) and list(cache.glob("*/manifest.json"))
     res = train("clm", own, tmp_path / "run", cache, "--max-steps", "2")  # --set data.cache_dir=CACHE
     assert res.exit_code == 0, res.output
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == built  # reused: nothing new, nothing rewritten

@@ -171,3 +171,34 @@ def test_extra_special_pieces_follow_the_fixed_ones(tmp_path, tok):
     for bad in (("[MASK]",), ("a b",), ("[X]", "[X]"), ("",)):
         with pytest.raises(UserError, match="extra special piece"):
             train_tokenizer(make_texts(20), tmp_path / "bad", 450, "unigram", extra_pieces=bad)
+
+
+def test_tokenizer_trains_on_a_seeded_uniform_sample_of_the_stream(tmp_path, monkeypatch):
+    """Reservoir sampling by random keys: at most k sentences, uniform over the stream, in stream order, the
+    same for any worker count; the whole stream (in order) when it is shorter than k; recorded in .meta."""
+    from pretrain import stream
+    from pretrain.config import DataConfig
+    from pretrain.sample import sample_sentences, train_for_source
+
+    lines = [f"Sentence number {i} of the stream." for i in range(4000)]
+    (tmp_path / "c.txt").write_text("\n".join(lines))
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 4096)  # ~40 chunks
+    source = stream.resolve_source(DataConfig(source=str(tmp_path / "c.txt"), doc_per="line"))
+
+    def sample(k, workers=1):
+        cfg = DataConfig(source=str(tmp_path / "c.txt"), doc_per="line", tokenizer_sample=k)
+        return sample_sentences(source, cfg, workers, lambda *a: None)
+
+    got, info = sample(1000)
+    assert len(got) == 1000 and len(set(got)) == 1000 and info["sentences"] == 4000 and info["sampled"] == 1000
+    index = np.array([lines.index(s) for s in got])
+    assert (np.diff(index) > 0).all()  # in stream order
+    assert 450 <= (index < 2000).sum() <= 550  # uniform: half from each half (hypergeometric sd ~14)
+    assert sample(1000)[0] == got and sample(1000, workers=2)[0] == got  # seeded; worker count is irrelevant
+    assert sample(10_000)[0] == lines  # a short stream: every sentence, in order
+    cfg = DataConfig(source=str(tmp_path / "c.txt"), doc_per="line", tokenizer_sample=1500)
+    path, _ = train_for_source(source, cfg, tmp_path / "tok", 420, "unigram", seed=1234, soft_limit=True,
+                               extra_pieces=(), workers=1, on_chunk=lambda *a: None)
+    tok = Tokenizer.load(path)
+    assert tok.meta["sample"]["sampled"] == 1500 and tok.meta["sample"]["sentences"] == 4000
+    assert tok.meta["sha256"] == tok.sha256 and tok.meta["source"]["fingerprint"] == source.fingerprint
