@@ -1,4 +1,4 @@
-"""`pretrain bench-prepare`: the data path at scale, measured the way a user meets it.
+"""`pretrain bench prepare`: the data path at scale, measured the way a user meets it.
 
 Corpus: the built-in corpus (the standard library's docstrings, ~1.5 MB; pretrain/corpus.py) repeated with
 per-copy word changes (each copy swaps a seeded fifth of its distinct words, outside the 200 most frequent,

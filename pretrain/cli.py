@@ -8,84 +8,30 @@ wherever a command reads a config, --seed N. User errors print one line and exit
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from typer.core import TyperCommand
 
-from pretrain import cli_runs
-from pretrain.errors import UserError, os_error
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Pretrain Transformer language models with the classic self-supervised objectives.")
-tokenizer_app = typer.Typer(no_args_is_help=True, help="Train a sentencepiece tokenizer.")
-app.add_typer(tokenizer_app, name="tokenizer")
-console = Console()
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-DataOpt = Annotated[str | None, typer.Option("--data", help="Text files/folder/glob or a datasets name (default: "
-                                              "the built-in Python-docstrings corpus).")]
-RecipeOpt = Annotated[str | None, typer.Option("--recipe", help="Recipe name (see `pretrain recipes`) or .toml path.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: section.key=value "
-                                                   "(repeatable), e.g. --set train.lr=3e-4.")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of weights, dropout and batches (train.seed).")]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
-
-
-def _friendly(fn):
-    """Turn a UserError, or a file-system error (a full disk, a read-only folder, a file where a folder should
-    be), into one line on stderr and exit code 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (UserError, OSError) as e:
-            print_error(e if isinstance(e, UserError) else os_error(e))
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def print_error(e: UserError) -> None:
-    """The one printer of user errors: `error: ` then the message as written (markup escaped), one line; under
-    torchrun only rank 0 prints (every rank meets the same error)."""
-    from rich.markup import escape
-
-    if _is_main_rank():
-        err_console.print(f"[bold red]error:[/] {escape(' '.join(str(e).split()))}")
-
-
-def _resolve(recipe: str | None, objective: str | None, data: str | None, seed: int | None, sets: list[str] | None,
-             **flags: Any):
-    from pretrain.config import resolve
-
-    named = {"data.source": data, "train.seed": seed, **flags}
-    return resolve(recipe=recipe, objective=objective, flags=named, sets=sets or [])
-
-
-def _is_main_rank() -> bool:
-    """Under torchrun only rank 0 prints (and writes); a plain run is rank 0."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _print_config(cfg: Any, sources: list) -> None:
-    from pretrain.metrics import table
-
-    rows = [(k, json.dumps(v) if isinstance(v, (list, dict)) else v, src) for k, v, src in sources]
-    console.print(table(f"config (defaults < recipe '{cfg.recipe or '-'}' < flags < --set); non-defaults:", rows,
-                        ("key", "value", "source")))
-
+from pretrain import cli_bench, cli_decode, cli_runs
+from pretrain.cli_common import (
+    DataOpt,
+    OutOpt,
+    RecipeOpt,
+    SeedOpt,
+    SetOpt,
+    _friendly,
+    _is_main_rank,
+    _print_config,
+    _resolve,
+    app,
+    console,
+    tokenizer_app,
+)
+from pretrain.errors import UserError
 
 # ---------------------------------------------------------------------------------------------- run / eval
 
@@ -273,37 +219,11 @@ def objectives_() -> None:
 @_friendly
 def recipes_() -> None:
     """List the recipes in recipes/ with their one-line descriptions."""
-    from pretrain.config import list_recipes, recipe_description
     from pretrain.metrics import table
+    from pretrain.recipes import list_recipes, recipe_description
 
     console.print(table("recipes (pretrain run --recipe NAME, or make recipe-NAME)",
                         [(n, recipe_description(n)) for n in list_recipes()], ("recipe", "description")))
-
-
-@app.command()
-@_friendly
-def bench(
-    objective: Annotated[list[str] | None, typer.Option("--objective", "-o", help="Objectives to time (default: "
-                                                        "all).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
-    seconds: Annotated[float, typer.Option("--seconds", help="Seconds timing ours, and again the peer, per "
-                                           "objective.")] = 2.0,
-    generate: Annotated[bool, typer.Option("--generate/--no-generate", help="Also time generation with the KV "
-                                           "cache against recomputation (256 new tokens).")] = True,
-    data: DataOpt = None,
-) -> None:
-    """Our throughput beside the reference peer's, one thread: batch construction per objective (vs BERT, T5,
-    fairseq, nanoGPT per-example code) and KV-cached generation (vs recomputing every step)."""
-    from benchmarks.batches import bench_batches
-    from benchmarks.generation import bench_generation, print_generation
-
-    if batch_size < 1 or seq_len < 8 or seconds <= 0:
-        raise UserError(f"need --batch-size >= 1, --seq-len >= 8 and --seconds > 0; got {batch_size}, {seq_len}, "
-                        f"{seconds}")
-    bench_batches(objective or None, batch_size, seq_len, seconds, data, console)
-    if generate:
-        print_generation(bench_generation(), console)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -330,118 +250,11 @@ def export_(
                   soft_wrap=True)
 
 
-@app.command("bench-prepare")
-@_friendly
-def bench_prepare(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the generated corpus and the caches (outside the "
-                                      "repository).")] = Path("bench-data"),
-    sizes: Annotated[str, typer.Option("--sizes", help="Corpus sizes to prepare, e.g. 20MB,1GB (the largest is "
-                                       "generated).")] = "20MB,1GB",
-    workers: Annotated[str, typer.Option("--workers", help="Worker counts to time tokenizing with.")] = "1,2",
-    timing_size: Annotated[str, typer.Option("--timing-size", help="Corpus size the worker counts are timed on.")]
-    = "200MB",
-) -> None:
-    """Data-path benchmark: generate a corpus, prepare each size (peak RSS of the process and of its workers),
-    and time tokenization with each worker count on a trained tokenizer."""
-    from benchmarks.prepare import run_benchmark
-
-    run_benchmark(out, sizes, workers, timing_size, console)
-
-
-# ---------------------------------------------------------------------------------------------- decoding
-
-
-@app.command()
-@_friendly
-def generate(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pretrain run` (decoder or "
-                                            "encoder-decoder).")],
-    prompt: Annotated[str | None, typer.Option("--prompt", help="The prompt; for span/denoise runs it may hold "
-                                               "<extra_id_N> or [MASK] to fill in. \"\" = unconditional.")] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="A file of prompts, one per line (batched).")]
-    = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Most new tokens (default: 100; "
-                                                       "encoder-decoders: input length + 50).")] = None,
-    beam: Annotated[int, typer.Option("--beam", help="Beam search of this width, e.g. --beam 4 (1 = off).")] = 1,
-    length_penalty: Annotated[float, typer.Option("--length-penalty", help="Beam length penalty alpha in "
-                                                  "((5+len)/6)^alpha.")] = 0.6,
-    sample: Annotated[bool, typer.Option("--sample", help="Ancestral sampling instead of greedy decoding.")] = False,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (implies "
-                                                      "--sample; default 1).")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Sample among the K most likely tokens (implies "
-                                              "--sample).")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling (implies --sample): the smallest "
-                                                "set with probability >= P.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (same seed, same sample).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoded together.")] = 16,
-    min_new_tokens: Annotated[int, typer.Option("--min-new-tokens", help="No </s> before this many new tokens "
-                                                "(keeps beam search from ending at once on a weak model).")] = 0,
-) -> None:
-    """Write text with a trained model: greedy by default, sampling, or beam search; KV-cached."""
-    import random
-
-    import torch
-
-    from pretrain.generate import DecodeOptions, encode_prompts, load_run, show_batched, show_stream
-
-    if (prompt is None) == (prompts is None):
-        raise UserError("give exactly one of --prompt TEXT or --prompts FILE")
-    if prompts is not None and (not prompts.exists() or prompts.is_dir()):
-        raise UserError(f"--prompts {prompts} is not a file; give a text file with one prompt per line")
-    texts = [prompt] if prompt is not None else [ln for ln in prompts.read_text().splitlines() if ln.strip()]
-    if not texts:
-        raise UserError(f"{prompts} holds no prompt; write one per line")
-    opts = DecodeOptions(max_new_tokens, beam, length_penalty, sample, temperature, top_k, top_p, seed, min_new_tokens,
-                         batch_size)
-    r = load_run(run_dir)
-    encode_prompts(r, texts)  # refuse a bad run or prompt before printing anything
-    gen = None
-    if opts.sampling:
-        seed = seed if seed is not None else random.randrange(2**31)
-        gen = torch.Generator().manual_seed(seed)
-    notes: list[str] = []
-    if len(texts) == 1 and opts.beam == 1:  # stream the one prompt's tokens as they come
-        show_stream(console, r, texts[0], opts, gen, notes)
-    else:
-        show_batched(console, r, texts, opts, gen, notes)
-    for note in dict.fromkeys(notes):
-        err_console.print(f"note: {note}", markup=False)
-    if gen is not None:
-        err_console.print(f"note: sampled with --seed {seed}")
-
-
-@app.command("fill-mask")
-@_friendly
-def fill_mask(
-    run_dir: Annotated[Path, typer.Argument(help="A masked-LM run folder written by `pretrain run`.")],
-    text: Annotated[str, typer.Argument(help="Text with one or more [MASK] to predict.")],
-    top_k: Annotated[int, typer.Option("--top-k", help="Candidates shown per mask.")] = 5,
-) -> None:
-    """Predict each [MASK] of a text with a masked-LM run: a table of the top-k candidates."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from pretrain.generate import fill_mask as predict
-    from pretrain.generate import load_run, top1_text
-
-    if "[MASK]" not in text:
-        raise UserError("the text has no [MASK]; write [MASK] where a token should be predicted")
-    r = load_run(run_dir)
-    cands = predict(r, text, top_k)
-    t = Table(title=Text(f"fill-mask with {run_dir}"), title_justify="left")
-    for c, justify in (("mask", "right"), ("rank", "right"), ("piece", "left"), ("probability", "right")):
-        t.add_column(c, justify=justify)
-    for m, row in enumerate(cands, 1):
-        for rank, (i, p) in enumerate(row, 1):
-            t.add_row(str(m) if rank == 1 else "", str(rank), Text(r.tokenizer.id_to_piece(i)), f"{p:.4f}",
-                      end_section=rank == len(row))
-    console.print(t)
-    console.print("[bold]top-1:[/] ", end="")
-    console.print(top1_text(r, text, cands), markup=False, highlight=False)
-
-
 app.command("runs")(_friendly(cli_runs.runs))
 app.command("report")(_friendly(cli_runs.report))
+app.command("generate")(_friendly(cli_decode.generate))
+app.command("fill-mask")(_friendly(cli_decode.fill_mask))
+app.add_typer(cli_bench.bench_app, name="bench")
 
 
 def main() -> None:

@@ -8,25 +8,22 @@ is a `UserError` naming the key and the valid choices. Derived values are comput
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from models.config import ModelConfig
 from pretrain.budget import parse_duration
 from pretrain.errors import UserError
+from pretrain.recipes import read_recipe, suggest
 from pretrain.tokenizer import MIN_VOCAB_SIZE
 
 if TYPE_CHECKING:
     from objectives.base import Objective
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass(frozen=True)
@@ -179,11 +176,6 @@ class Config:
 # ---------------------------------------------------------------------------------------------- typing
 
 
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check (TOML/JSON values) or parse (strings from --set) `value` against the annotation `hint`."""
     origin = typing.get_origin(hint)
@@ -191,7 +183,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         choices = list(typing.get_args(hint))
         if value not in choices:
             raise UserError(
-                f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}{_suggest(str(value), choices)}"
+                f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}{suggest(str(value), choices)}"
             )
         return value
     if origin is tuple:
@@ -246,7 +238,7 @@ def _build(cls: type, values: dict, section: str) -> Any:
     for key in values:
         if key not in names:
             raise UserError(
-                f"unknown key '{section}.{key}'{_suggest(key, names)}; valid keys: {', '.join(names)}"
+                f"unknown key '{section}.{key}'{suggest(key, names)}; valid keys: {', '.join(names)}"
             )
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
     if cls is not ModelConfig:
@@ -264,7 +256,7 @@ def objective_class(name: str) -> type[Objective]:
     if name not in registry:
         choices = sorted(registry)
         raise UserError(
-            f"unknown objective '{name}'{_suggest(name, choices)}; choose one of: {', '.join(choices)}"
+            f"unknown objective '{name}'{suggest(name, choices)}; choose one of: {', '.join(choices)}"
         )
     return registry[name]
 
@@ -278,7 +270,7 @@ def config_from_dict(raw: dict, recipe: str = "") -> Config:
     for key in raw:
         if key not in allowed:
             raise UserError(
-                f"unknown section '{key}'{_suggest(key, allowed)}; valid sections: {', '.join(allowed)}"
+                f"unknown section '{key}'{suggest(key, allowed)}; valid sections: {', '.join(allowed)}"
             )
         if not isinstance(raw[key], dict):
             raise UserError(f"'{key}' must be a table of keys (e.g. [{key}] in TOML), got {raw[key]!r}")
@@ -289,46 +281,6 @@ def config_from_dict(raw: dict, recipe: str = "") -> Config:
     objective = _build(objective_class(name), obj_raw, "objective")
     sections = {s: _build(cls, raw.get(s, {}), s) for s, cls in SECTIONS.items()}
     return Config(objective=objective, recipe=recipe, **sections)
-
-
-# ---------------------------------------------------------------------------------------------- recipes
-
-
-def recipe_path(name_or_path: str) -> Path:
-    """recipes/NAME.toml for a bare name, else the given path; a UserError listing recipes if missing."""
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.parent != Path("."):
-        if not p.is_file():
-            raise UserError(
-                f"recipe file {p} does not exist; give a recipe name ({', '.join(list_recipes())}) or a .toml path"
-            )
-        return p
-    p = RECIPES_DIR / f"{name_or_path}.toml"
-    if not p.is_file():
-        names = list_recipes()
-        raise UserError(
-            f"unknown recipe '{name_or_path}'{_suggest(name_or_path, names)}; choose one of: {', '.join(names)}"
-        )
-    return p
-
-
-def list_recipes() -> list[str]:
-    """Names of the built-in recipes."""
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
-
-
-def read_recipe(name_or_path: str) -> dict:
-    """The recipe's TOML as a dict (validated later, when the Config is built)."""
-    p = recipe_path(name_or_path)
-    try:
-        return tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"recipe {p} is not valid TOML: {e}") from None
-
-
-def recipe_description(name: str) -> str:
-    """The recipe's one-line `description`."""
-    return str(read_recipe(name).get("description", ""))
 
 
 # ---------------------------------------------------------------------------------------------- resolution

@@ -73,6 +73,18 @@ class BuiltinSource(Source):
         return _chunks(items(), start)
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What `datasets` raises for a dataset it cannot find, fetch, build or decode: its own DatasetsError, the
+    hub's HTTP errors and missing files (OSError), a bad config or split name (ValueError, KeyError), a loading
+    script that fails (ImportError, RuntimeError), a file that is no such format (pyarrow's ArrowException).
+    Anything else is a bug, and shows as one."""
+    import datasets.exceptions
+    import pyarrow
+
+    return (datasets.exceptions.DatasetsError, OSError, ValueError, KeyError, ImportError, RuntimeError,
+            pyarrow.ArrowException)
+
+
 class DatasetSource(Source):
     """A `datasets` dataset, streamed by batch of rows (see the module docstring)."""
 
@@ -90,7 +102,7 @@ class DatasetSource(Source):
             else:
                 self.builder = datasets.load_dataset_builder(name, cfg.dataset_config or None)
                 fp = self.builder.hash
-        except Exception as e:  # the hub, a script or a loader: their errors vary; keep the first line
+        except _load_errors() as e:  # the hub, a script or a loader: keep the first line of what it says
             raise self._error("could not load", e) from None
         if self.saved is not None and cfg.text_field not in self.saved.column_names:
             raise self._no_column(self.saved.column_names)
@@ -102,6 +114,9 @@ class DatasetSource(Source):
 
     def _error(self, what: str, e: Exception) -> UserError:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(self.name).is_dir():
+            return UserError(f"the folder {self.name} holds no .txt, .jsonl, .json or .parquet file, and `datasets` "
+                             f"{what.replace('could not ', 'cannot ')} it either ({msg}); give a folder of text files")
         return UserError(f"{what} dataset {self.name!r} (config {self.cfg.dataset_config or 'default'!r}, split "
                          f"{self.cfg.dataset_split!r}): {msg}; check the name, data.dataset_config and "
                          "data.dataset_split, or give a local path")
@@ -117,7 +132,7 @@ class DatasetSource(Source):
         if self._stream is None:
             try:
                 self._stream = self.builder.as_streaming_dataset(split=self.cfg.dataset_split)
-            except Exception as e:
+            except _load_errors() as e:
                 raise self._error("could not stream", e) from None
         return self._stream
 
@@ -171,7 +186,7 @@ class DatasetSource(Source):
                     done, pending = done + k, pending[k:]
         except UserError:
             raise
-        except Exception as e:  # a file the stream could not fetch or decode
+        except _load_errors() as e:  # a file the stream could not fetch or decode
             raise self._error("could not read", e) from None
         if pending:
             yield Piece("values", where, pending, done, done == 0), len(pending), {"row": done + len(pending)}, False

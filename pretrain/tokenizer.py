@@ -1,9 +1,7 @@
 """Sentencepiece tokenizer: training, loading, and the special-token ids every objective needs.
 
 Kudo & Richardson 2018, "SentencePiece: a simple and language independent subword tokenizer" (unigram
-LM tokenization: Kudo 2018; BPE: Sennrich et al. 2016). One tokenizer serves every objective.
-
-Fixed ids shared by every objective (one tokenizer serves all of them):
+LM tokenization: Kudo 2018; BPE: Sennrich et al. 2016). One tokenizer serves every objective, with fixed ids:
     0 <pad>   1 <unk>   2 <s>   3 </s>   4 [CLS]   5 [SEP]   6 [MASK]   7..106 <extra_id_0>..<extra_id_99>
 then the extra special pieces an objective declares (`Objective.special_pieces`, e.g. UL2's mode tokens), in
 the order given, then "\n" (a user-defined piece, so line breaks are one token), then the 256 byte pieces
@@ -215,10 +213,12 @@ def _training_error(msg: str, vocab_size: int) -> UserError:
             return UserError(f"vocabulary size {m[1]} is too large for this corpus (sentencepiece allows at most "
                              f"{m[2]}, below the minimum {MIN_VOCAB_SIZE}); give more text")
         return UserError(f"vocabulary size {m[1]} is too large for this corpus (sentencepiece allows at most "
-                         f"{m[2]}); use more text or --set data.vocab_size={m[2]}")
+                         f"{m[2]}: `--vocab-size {m[2]}` in `pretrain tokenizer train`); use more text or "
+                         f"--set data.vocab_size={m[2]}")
     if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg):
         return UserError(f"vocabulary size {m[1]} is too small for this corpus (it needs at least {m[2]} pieces "
-                         f"for the specials, bytes and characters); use --set data.vocab_size={m[2]}")
+                         f"for the specials, bytes and characters: `--vocab-size {m[2]}` in `pretrain tokenizer "
+                         f"train`); use --set data.vocab_size={m[2]}")
     if "sentences" in msg.lower() and ("no " in msg.lower() or "empty" in msg.lower()):
         return UserError("no text to train a tokenizer on; give a corpus with text in it")
     first = msg.strip().splitlines()[-1] if msg.strip() else "unknown error"
@@ -302,8 +302,9 @@ class Tokenizer:
         data = path.read_bytes()
         try:
             sp = _processor(data)
-            assert sp.get_piece_size() > 0
-        except Exception:
+        except (RuntimeError, OSError, ValueError, TypeError):  # sentencepiece's parse error is a RuntimeError
+            sp = None
+        if sp is None or sp.get_piece_size() == 0:
             raise UserError(f"{path} is not a sentencepiece model (a .model file); give one made by "
                             "`pretrain tokenizer train` or sentencepiece") from None
         problems = _special_problems(sp)

@@ -10,12 +10,10 @@ from pretrain.config import (
     DataConfig,
     TrainConfig,
     config_from_dict,
-    list_recipes,
-    read_recipe,
-    recipe_description,
     resolve,
 )
 from pretrain.errors import UserError
+from pretrain.recipes import list_recipes, read_recipe, recipe_description
 
 
 def test_defaults_are_the_dataclass_defaults():

@@ -381,7 +381,8 @@ def test_loss_counts_every_target_token_and_trains_both_stacks():
 
 @pytest.mark.parametrize("name", ["bart", "bart-tiny"])
 def test_recipes_load_and_fit_the_position_table(name):
-    from pretrain.config import config_from_dict, read_recipe
+    from pretrain.config import config_from_dict
+    from pretrain.recipes import read_recipe
 
     cfg = config_from_dict(read_recipe(name), name)
     assert isinstance(cfg.objective, Denoising) and cfg.objective.mask_ratio == 0.3

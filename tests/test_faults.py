@@ -339,3 +339,16 @@ def test_same_seed_same_bits_with_0_1_and_2_workers(corpus, cache, tmp_path):
         runs.append(out)
     assert losses(runs[0]) == losses(runs[1]) == losses(runs[2])
     assert weights(runs[0], 4) == weights(runs[1], 4) == weights(runs[2], 4)
+
+
+def test_a_folder_of_no_text_files_and_tokenizer_advice_are_one_line(tmp_path, cache):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"\x00\x01")
+    res = cli("prepare", "--data", str(folder), *sets(f"data.cache_dir={cache}"))
+    one_line(res, "holds no .txt", "give a folder of text files")
+    assert res.output.strip().count("\n") == 0  # nothing printed before the error, no library notice
+    corpus = write_corpus(tmp_path, n_docs=30)
+    res = cli("tokenizer", "train", "--data", str(corpus), "--vocab-size", "100000", "--out", str(tmp_path / "t"))
+    one_line(res, "--vocab-size")  # the advice names this command's own flag
+    assert not list(tmp_path.glob("t.*"))

@@ -385,7 +385,8 @@ def test_baseline_majority_accuracy():
 
 @pytest.mark.parametrize("recipe", ["bert", "roberta", "bert-tiny", "roberta-tiny"])
 def test_recipes_build(recipe):
-    from pretrain.config import config_from_dict, read_recipe
+    from pretrain.config import config_from_dict
+    from pretrain.recipes import read_recipe
 
     raw = read_recipe(recipe)
     assert raw.get("description")

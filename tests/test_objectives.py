@@ -20,10 +20,11 @@ from typer.testing import CliRunner
 from models.config import Arch, ModelConfig
 from objectives import OBJECTIVES
 from objectives.base import IGNORE_INDEX, Objective, make_generator
-from pretrain.config import Config, DataConfig, TrainConfig, list_recipes, objective_class
+from pretrain.config import Config, DataConfig, TrainConfig, objective_class
 from pretrain.data import TokenSplit
 from pretrain.metrics import Meter
 from pretrain.optim import build_optimizer
+from pretrain.recipes import list_recipes
 from pretrain.run import build_model
 from pretrain.runtime import Engine, Runtime
 from pretrain.tokenizer import N_SPECIAL, Tokenizer, Vocab, check_extra_pieces, train_tokenizer

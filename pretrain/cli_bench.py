@@ -1,0 +1,88 @@
+"""`pretrain bench`: our code beside the peer it is compared to, measured in one run (the code is in benchmarks/).
+
+`pretrain bench` alone times batch construction and generation; `pretrain bench batches|generate|prepare` one of
+them each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pretrain.cli_common import DataOpt, _friendly, console
+from pretrain.errors import UserError
+
+bench_app = typer.Typer(rich_markup_mode=None,
+                        help="Benchmarks, each beside its peer: batch construction, generation, data preparation.")
+
+
+@bench_app.callback(invoke_without_command=True)
+@_friendly
+def bench(
+    ctx: typer.Context,
+    objective: Annotated[list[str] | None, typer.Option("--objective", "-o", help="Objectives to time (default: "
+                                                        "all).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
+    seconds: Annotated[float, typer.Option("--seconds", help="Seconds timing ours, and again the peer, per "
+                                           "objective.")] = 2.0,
+    generate: Annotated[bool, typer.Option("--generate/--no-generate", help="Also time generation with the KV "
+                                           "cache against recomputation (256 new tokens).")] = True,
+    data: DataOpt = None,
+) -> None:
+    """Our throughput beside the reference peer's, one thread: batch construction per objective (vs BERT, T5,
+    fairseq, nanoGPT per-example code) and KV-cached generation (vs recomputing every step)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    batches(objective, batch_size, seq_len, seconds, data)
+    if generate:
+        generation()
+
+
+@bench_app.command("batches")
+@_friendly
+def batches(
+    objective: Annotated[list[str] | None, typer.Option("--objective", "-o", help="Objectives to time (default: "
+                                                        "all).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
+    seconds: Annotated[float, typer.Option("--seconds", help="Seconds timing ours, and again the peer, per "
+                                           "objective.")] = 2.0,
+    data: DataOpt = None,
+) -> None:
+    """Batch construction per objective beside its per-example reference peer, one thread."""
+    from benchmarks.batches import bench_batches
+
+    if batch_size < 1 or seq_len < 8 or seconds <= 0:
+        raise UserError(f"need --batch-size >= 1, --seq-len >= 8 and --seconds > 0; got {batch_size}, {seq_len}, "
+                        f"{seconds}")
+    bench_batches(objective or None, batch_size, seq_len, seconds, data, console)
+
+
+@bench_app.command("generate")
+@_friendly
+def generation() -> None:
+    """Greedy generation of 256 tokens with the KV cache beside recomputing every step, one thread."""
+    from benchmarks.generation import bench_generation, print_generation
+
+    print_generation(bench_generation(), console)
+
+
+@bench_app.command("prepare")
+@_friendly
+def prepare(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the generated corpus and the caches (outside the "
+                                      "repository).")] = Path("bench-data"),
+    sizes: Annotated[str, typer.Option("--sizes", help="Corpus sizes to prepare, e.g. 20MB,1GB (the largest is "
+                                       "generated).")] = "20MB,1GB",
+    workers: Annotated[str, typer.Option("--workers", help="Worker counts to time tokenizing with.")] = "1,2",
+    timing_size: Annotated[str, typer.Option("--timing-size", help="Corpus size the worker counts are timed on.")]
+    = "200MB",
+) -> None:
+    """Data-path benchmark: generate a corpus, prepare each size (peak RSS of the process and of its workers),
+    time tokenization with each worker count on a trained tokenizer, and time a run's first step."""
+    from benchmarks.prepare import run_benchmark
+
+    run_benchmark(out, sizes, workers, timing_size, console)
