@@ -51,7 +51,8 @@ Deliberate deviations (each small; say so if a recipe needs the original):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,9 @@ from torch.utils.checkpoint import checkpoint
 from models.cache import KVCache, padding_mask, self_attention_mask
 from models.config import Arch, ModelConfig
 from models.layers import Block, Context, RelativeBias, activation_fn, make_norm, rope_angles, sinusoid_table
+
+Projection = Callable[[Tensor, Tensor, "Tensor | None"], Any]
+"""project(hidden (..., C), weight (V, C), bias (V,) or None): what replaces the output projection."""
 
 
 class ModelOutput(NamedTuple):
@@ -144,13 +148,16 @@ class LMHead(nn.Module):
         # T5 v1.0 rescales before its tied projection because its embeddings start at std 1.
         self.scale = d**-0.5 if cfg.tie_embeddings and cfg.tied_output_scale else 1.0
 
-    def forward(self, h: Tensor, embed_weight: Tensor) -> Tensor:
-        """h (..., C) -> logits (..., V); embed_weight (V, C) is the input embedding matrix."""
+    def forward(self, h: Tensor, embed_weight: Tensor, project: Projection | None = None) -> Any:
+        """h (..., C) -> logits (..., V); embed_weight (V, C) is the input embedding matrix. With `project`, the
+        final projection is project(h, weight, bias) instead (a fused projection + loss, say: the (N, V)
+        logits need never exist), and its result is returned."""
         if self.dense is not None:
             h = self.norm(self.act(self.dense(h)))
         if self.scale != 1.0:
             h = h * self.scale
-        return F.linear(h, embed_weight if self.proj is None else self.proj.weight, self.bias)
+        weight = embed_weight if self.proj is None else self.proj.weight
+        return F.linear(h, weight, self.bias) if project is None else project(h, weight, self.bias)
 
 
 class Pooler(nn.Module):
@@ -306,10 +313,14 @@ class Transformer(nn.Module):
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         output_mask: Tensor | None = None,
+        project: Projection | None = None,
     ) -> ModelOutput:
         """Training forward pass (module docstring): logits for every decoder position (decoder-only and
         encoder-decoder) or every input position (encoder); with output_mask (B, T) bool only for the
-        selected positions, (N, V) in row-major order."""
+        selected positions, (N, V) in row-major order. With `project` the logits field holds what
+        project(hidden (N|B, T, C), output weight (V, C), bias (V,) | None) returns instead: the caller's own
+        projection runs inside the forward pass (where a sharded model's weights are gathered), and the model
+        still computes no loss of its own."""
         if self.arch.kind == "encoder":
             h = self.encode(input_ids, attention_mask, token_type_ids)
         elif self.arch.kind == "decoder":
@@ -322,7 +333,7 @@ class Transformer(nn.Module):
         cls_logits = self.pooler(h) if self.pooler is not None else None
         if output_mask is not None:
             h = h[output_mask]  # (N, C)
-        return ModelOutput(self.lm_head(h, self.embed.weight), cls_logits)
+        return ModelOutput(self.lm_head(h, self.embed.weight, project), cls_logits)
 
     # ------------------------------------------------------------------------------ accounting
     def num_params(self, non_embedding: bool = False) -> int:

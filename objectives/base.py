@@ -169,3 +169,81 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     out[:, 0] = start_id
     out[:, 1:] = labels[:, :-1]
     return out.masked_fill(out == IGNORE_INDEX, pad_id)
+
+
+LOGITS_PER_CHUNK = 1 << 22  # logits (rows x vocabulary) computed at once by `lm_terms`: 16 MB of fp32
+
+
+def lm_terms(labels: torch.Tensor, name: str, label_smoothing: float = 0.0):
+    """The output projection fused with `ce_terms`, to pass as `model(..., project=...)`: the same terms
+    ({name}_loss, {name}_acc and, with label smoothing, {name}_nll) from hidden states, the output weight and
+    bias, computed a chunk of rows at a time so that the (N, V) logits, their fp32 copy, the log-softmax and its
+    gradient never exist whole. The gradient is computed in the forward pass, chunk by chunk, and scaled in the
+    backward pass (the idea of Liger-Kernel's fused linear cross-entropy, linkedin/Liger-Kernel
+    `src/liger_kernel/ops/fused_linear_cross_entropy.py`). labels (...) match the hidden states' leading shape."""
+
+    def project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Terms:
+        flat = labels.reshape(-1)
+        loss, nll, correct, n = _LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, bias, flat,
+                                                           label_smoothing)
+        out: Terms = {f"{name}_loss": (loss, n), f"{name}_acc": (correct, n)}
+        if label_smoothing > 0:
+            out[f"{name}_nll"] = (nll, n)
+        return out
+
+    return project
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed (label-smoothed) cross-entropy of softmax(h W^T + b) against labels, with accuracy and the plain
+    NLL, chunk by chunk; the gradients w.r.t. h, W and b are accumulated in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, smoothing):  # noqa: D102 (autograd's own signature)
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        x_all, w = h.to(dtype), weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        N, V = x_all.size(0), w.size(0)
+        grad_h = torch.empty_like(x_all)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=h.device)
+        grad_b = torch.zeros(V, dtype=torch.float32, device=h.device) if bias is not None else None
+        sums = torch.zeros(3, dtype=torch.float64, device=h.device)  # loss, nll, correct
+        rows = max(1, LOGITS_PER_CHUNK // V)
+        for i in range(0, N, rows):
+            x, y = x_all[i:i + rows], labels[i:i + rows]
+            z = F.linear(x, w, b).float()  # (n, V)
+            keep = y != IGNORE_INDEX
+            yk = y.clamp(min=0)[:, None]
+            top, arg = z.max(-1)
+            z -= top[:, None]
+            target, mean = z.gather(1, yk)[:, 0], z.mean(-1) if smoothing else 0.0
+            g = z.exp_()  # (n, V), in place of the logits
+            total = g.sum(-1)
+            lse = total.log()  # (n,) log-sum-exp of the shifted logits
+            nll = (lse - target).masked_fill_(~keep, 0)
+            loss = nll * (1 - smoothing) + (lse - mean).masked_fill_(~keep, 0) * smoothing if smoothing else nll
+            sums += torch.stack([loss.sum(), nll.sum(), ((arg == y) & keep).sum()]).double()
+            g /= total[:, None]  # the softmax
+            if smoothing:
+                g -= smoothing / V
+            g.scatter_add_(1, yk, torch.full_like(g[:, :1], smoothing - 1.0))
+            g *= keep[:, None]  # an ignored row has no gradient
+            if grad_b is not None:
+                grad_b += g.sum(0)
+            g = g.to(dtype)
+            grad_h[i:i + rows] = g @ w
+            grad_w += (g.t() @ x).float()
+        ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else torch.empty(0))
+        ctx.has_bias, ctx.dtypes = bias is not None, (h.dtype, weight.dtype)
+        n = (labels != IGNORE_INDEX).sum()
+        loss, nll, correct = sums.float().unbind()
+        ctx.mark_non_differentiable(nll, correct, n)
+        return loss, nll, correct, n
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):  # noqa: D102
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return ((grad_h * g_loss).to(h_dtype), (grad_w * g_loss).to(w_dtype),
+                (grad_b * g_loss).to(w_dtype) if ctx.has_bias else None, None, None)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.config import Arch
-from objectives.base import Batch, Objective, Terms, ce_terms
+from objectives.base import Batch, Objective, Terms, lm_terms
 
 if TYPE_CHECKING:
     from pretrain.data import TokenSplit
@@ -69,8 +69,7 @@ class CausalLM(Objective):
 
     def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
         """Summed next-token cross-entropy over all B*T positions."""
-        logits = model(batch["input_ids"]).logits  # (B, T, V)
-        return ce_terms(logits, batch["labels"], "lm", label_smoothing)
+        return model(batch["input_ids"], project=lm_terms(batch["labels"], "lm", label_smoothing)).logits
 
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Bits per byte of a unigram model fit and scored on `split` (the trainer passes the training split):

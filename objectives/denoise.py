@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from models.config import Arch
-from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, shift_right
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, lm_terms, shift_right
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -374,12 +374,12 @@ class Denoising(Objective):
 
     def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
         """Summed reconstruction cross-entropy over every target token and token accuracy."""
-        logits = model(
+        return model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             decoder_input_ids=batch["decoder_input_ids"],
-        ).logits  # (B, T, V)
-        return ce_terms(logits, batch["labels"], "denoise", label_smoothing)
+            project=lm_terms(batch["labels"], "denoise", label_smoothing),  # (B, T) targets
+        ).logits
 
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Loss in nats per target token of the best unigram model of the targets: the block tokens

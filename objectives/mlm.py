@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from models.config import Arch
-from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, lm_terms
 from objectives.clm import stream_windows
 from pretrain.errors import UserError
 
@@ -191,8 +191,9 @@ class MaskedLM(Objective):
             attention_mask=batch["attention_mask"],
             token_type_ids=batch.get("token_type_ids"),
             output_mask=sel,
+            project=lm_terms(labels[sel], "mlm", label_smoothing),  # the rows of sel, row-major
         )
-        terms = ce_terms(out.logits, labels[sel], "mlm", label_smoothing)  # logits (N_sel, V), row-major
+        terms = dict(out.logits)
         if self.nsp:
             terms |= ce_terms(out.cls_logits, batch["next_sentence_label"], "nsp", label_smoothing)  # (B, 2)
         return terms

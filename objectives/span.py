@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from models.config import Arch
-from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, shift_right
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, lm_terms, shift_right
 from pretrain.errors import UserError
 from pretrain.tokenizer import N_SENTINELS
 
@@ -217,12 +217,12 @@ class SpanCorruption(Objective):
 
     def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
         """Summed cross-entropy over every target token (sentinels and `</s>` included) and accuracy."""
-        logits = model(
+        return model(
             batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             decoder_input_ids=batch["decoder_input_ids"],
-        ).logits  # (B, T_tgt, V)
-        return ce_terms(logits, batch["labels"], "span", label_smoothing)
+            project=lm_terms(batch["labels"], "span", label_smoothing),  # (B, T_tgt) targets
+        ).logits
 
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Loss in nats per target token of the best unigram model of the *target* stream: a fraction
@@ -288,13 +288,13 @@ class PrefixLM(Objective):
         there is a target (half the decoder slots are padding on average)."""
         labels = batch["labels"]
         keep = labels != IGNORE_INDEX  # (B, T_tgt)
-        logits = model(
+        return model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             decoder_input_ids=batch["decoder_input_ids"],
             output_mask=keep,
-        ).logits  # (N, V), row-major over keep
-        return ce_terms(logits, labels[keep], "prefix", label_smoothing)
+            project=lm_terms(labels[keep], "prefix", label_smoothing),  # the rows of keep, row-major
+        ).logits
 
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Loss in nats per target token of the best unigram model of the targets: corpus tokens plus one

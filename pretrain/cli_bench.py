@@ -86,3 +86,30 @@ def prepare(
     from benchmarks.prepare import run_benchmark
 
     run_benchmark(out, sizes, workers, timing_size, console)
+
+
+@bench_app.command("train")
+@_friendly
+def train(
+    family: Annotated[str, typer.Option("--family", help="gpt2 | bert | t5 | bart | all.")] = "all",
+    size: Annotated[str, typer.Option("--size", help="tiny (d256 L4, 16 x 128) or small (d512 L6, 8 x 256).")]
+    = "tiny",
+    precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
+    rounds: Annotated[int, typer.Option("--rounds", help="Steps timed on each side, alternating.")] = 20,
+    cache_dir: Annotated[str, typer.Option("--cache-dir", help="Token caches of the built-in corpus.")]
+    = "data/cache",
+) -> None:
+    """Our training step beside the transformers model of the same config and weights, alternating step by step
+    in one process: tokens/s (all positions and real tokens), the ratio, and MFU against the measured peak."""
+    from benchmarks.train import FAMILIES, SIZES, bench_family, print_rows
+    from pretrain.export import require_transformers
+
+    families = list(FAMILIES) if family == "all" else [family]
+    for name, value, choices in (("--family", family, [*FAMILIES, "all"]), ("--size", size, list(SIZES)),
+                                 ("--precision", precision, ["bf16", "fp32"])):
+        if value not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    if rounds < 2:
+        raise UserError(f"--rounds must be >= 2, got {rounds}")
+    require_transformers()
+    print_rows([bench_family(f, size, precision, rounds, cache_dir) for f in families], console)

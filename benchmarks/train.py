@@ -1,0 +1,152 @@
+"""`pretrain bench train`: our training step beside the `transformers` model of the same config, in one process.
+
+For each family (GPT-2 / clm, BERT / mlm with NSP, T5 / span corruption, BART / denoising) the recipe's switches
+with the benchmark's sizes build our backbone and, through the export's mapping (pretrain/hf_config.py,
+pretrain/hf_map.py), the Hugging Face model of exactly that config with the same weights. Both train on the
+same batches of the built-in corpus (the objective's own batches; HF gets the fields its forward takes and
+computes its own loss, as a user's loop on it would), with the same optimizer (`pretrain.optim`), the same
+precision (bf16 autocast, or fp32) and the same threads, alternating step by step so that a change of machine
+load falls on both; the figures are medians over the steps (ratios: of per-pair ratios).
+
+Per step it reports tokens/s of each side counting every position of the batch (padding included: the work
+HF's fixed-shape batch does) and counting only real input tokens (the attention mask's ones), the ratio, and
+MFU of ours against the bf16 / fp32 matmul peak measured in the same run (`pretrain.metrics.measure_peak_flops`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from objectives.base import input_tokens, make_generator
+
+FAMILIES = {"gpt2": "gpt2-tiny", "bert": "bert-tiny", "t5": "t5-tiny", "bart": "bart-tiny"}  # recipe of switches
+SIZES = {  # model sizes and batch shapes the benchmark is stated at
+    "tiny": {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 1024, "vocab": 8000, "batch": 16, "seq": 128},
+    "small": {"d_model": 512, "n_layers": 6, "n_heads": 8, "d_ff": 2048, "vocab": 16000, "batch": 8, "seq": 256},
+}
+TARGETS = {"bf16": 1.5, "fp32": 1.2}  # ours / HF tokens/s we hold ourselves to
+
+
+def family_config(family: str, size: str, precision: str, cache_dir: str):
+    """The Config of a benchmarked family: its tiny recipe's switches (objective included) at `size`."""
+    from pretrain.config import resolve
+
+    s = SIZES[size]
+    sets = [f"model.d_model={s['d_model']}", f"model.n_layers={s['n_layers']}", "model.n_dec_layers=0",
+            f"model.n_heads={s['n_heads']}", f"model.d_ff={s['d_ff']}", f"model.max_len={s['seq']}",
+            f"data.seq_len={s['seq']}", f"data.vocab_size={s['vocab']}", "data.vocab_limit=soft",
+            f"train.batch_size={s['batch']}", f"train.precision={precision}", "model.dropout=0.0",
+            f"data.cache_dir={cache_dir}"]
+    cfg, _ = resolve(recipe=FAMILIES[family], sets=sets)
+    return cfg
+
+
+def build_pair(cfg, vocab) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Our model and the transformers model of the same config and the same weights (fp32, train mode)."""
+    from pretrain.export import layout, require_transformers, token_ids
+    from pretrain.hf_config import family, hf_config
+    from pretrain.hf_map import to_hf
+    from pretrain.run import build_model
+
+    transformers = require_transformers()
+    ours = build_model(cfg, vocab.size).train()
+    fam = family(cfg.model, cfg.objective.arch)
+    hf_cfg = getattr(transformers, fam.hf_class).config_class(
+        **hf_config(fam, cfg.model, vocab.size, token_ids(cfg, vocab)))
+    hf_cfg._attn_implementation = "sdpa"
+    hf = getattr(transformers, fam.hf_class)(hf_cfg)
+    hf.load_state_dict(to_hf(layout(fam, cfg, vocab.size), ours.state_dict()), strict=False)
+    return ours, hf.train()
+
+
+def hf_inputs(batch: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """The fields a transformers model of this arrangement takes, with labels as it expects them: a causal LM
+    shifts them itself (labels = input_ids), a seq2seq model builds its decoder inputs from them."""
+    if kind == "decoder":
+        return {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+    keep = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label")
+    return {k: v for k, v in batch.items() if k in keep}
+
+
+def timed_steps(cfg, ours, hf, batches: list[dict], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each side's training step, alternating ours / HF for `rounds` rounds after one warm-up each."""
+    from pretrain.metrics import Meter
+    from pretrain.optim import build_optimizer
+    from pretrain.runtime import AMP_DTYPES, Engine, Runtime
+    from pretrain.trainer import train_step
+
+    cpu = torch.device("cpu")
+    rt = Runtime(cpu, AMP_DTYPES[cfg.train.precision])
+    engine = Engine(rt, ours, ours, build_optimizer(ours, cfg.train, cpu), torch.amp.GradScaler("cpu", enabled=False))
+    hf_opt = build_optimizer(hf, cfg.train, cpu)
+    kind = cfg.objective.arch.kind
+
+    def step_ours(b):
+        train_step(cfg.objective, engine, [b], cfg.train, Meter())
+
+    def step_hf(b):
+        with rt.autocast():
+            loss = hf(**hf_inputs(b, kind)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.train.clip)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+
+    out: dict[str, list[float]] = {"ours": [], "hf": []}
+    for i in range(rounds + 1):
+        b = batches[i % len(batches)]
+        order = (("ours", step_ours), ("hf", step_hf))
+        for name, fn in order if i % 2 == 0 else order[::-1]:  # who goes first alternates too
+            t0 = time.perf_counter()
+            fn(b)
+            if i:  # round 0 warms both up
+                out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def bench_family(family: str, size: str, precision: str, rounds: int, cache_dir: str) -> dict[str, Any]:
+    """One row of the benchmark: tokens/s of ours and HF, all positions and real tokens, ratio, MFU."""
+    from pretrain.data import prepare
+    from pretrain.export import max_abs_diff, probe
+    from pretrain.metrics import measure_peak_flops
+
+    cfg = family_config(family, size, precision, cache_dir)
+    prepared = prepare(cfg.data, extra_pieces=cfg.objective.special_pieces, progress=False)
+    vocab, split = prepared.tokenizer.vocab, prepared.cache.split("train")
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    batches = [cfg.objective.batch(split, vocab, make_generator(0, "bench-train", i), B, T) for i in range(4)]
+    ours, hf = build_pair(cfg, vocab)
+    same = max(max_abs_diff(ours.eval(), hf.eval(), probe(cfg, vocab)).values())  # fp32 logits before training
+    ours.train(), hf.train()
+    times = timed_steps(cfg, ours, hf, batches, rounds)
+    nominal = statistics.mean(b["input_ids"].numel() for b in batches)
+    real = statistics.mean(input_tokens(b) for b in batches)
+    t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
+    ratio = statistics.median(h / o for o, h in zip(times["ours"], times["hf"], strict=True))
+    peak = measure_peak_flops(torch.device("cpu"), torch.bfloat16 if precision == "bf16" else None)
+    dec = cfg.objective.decoder_length(T)
+    mfu = ours.flops_per_token(T, dec) * nominal / t_ours / peak
+    return {"family": family, "objective": cfg.objective.name, "size": size, "precision": precision,
+            "ours_tokens_per_s": nominal / t_ours, "hf_tokens_per_s": nominal / t_hf,
+            "ours_real_tokens_per_s": real / t_ours, "hf_real_tokens_per_s": real / t_hf,
+            "real_share": real / nominal, "ratio": ratio, "target": TARGETS[precision],
+            "meets": ratio >= TARGETS[precision], "mfu": mfu, "peak_flops": peak, "rounds": rounds,
+            "same_model_max_abs_diff": same}
+
+
+def print_rows(rows: list[dict], console: Any) -> None:
+    """The benchmark's table: tokens/s over all positions (real input tokens in brackets)."""
+    from pretrain.metrics import table
+
+    console.print(table(
+        f"training step beside transformers, {torch.get_num_threads()} thread(s), medians of alternating steps; "
+        "tokens/s (real tokens)",
+        [(f"{r['family']} {r['size']} {r['precision']}", f"{r['ours_tokens_per_s']:,.0f} "
+          f"({r['ours_real_tokens_per_s']:,.0f})", f"{r['hf_tokens_per_s']:,.0f} ({r['hf_real_tokens_per_s']:,.0f})",
+          f"{r['ratio']:.2f}x", f"{'yes' if r['meets'] else 'NO'} (>= {r['target']:g}x)", f"{r['real_share']:.0%}",
+          f"{r['mfu']:.1%}") for r in rows],
+        ("family", "ours", "transformers", "ratio", "meets", "real", "MFU")))
