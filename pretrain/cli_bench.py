@@ -14,6 +14,12 @@ import typer
 from pretrain.cli_common import DataOpt, _friendly, console
 from pretrain.errors import UserError
 
+ObjectivesOpt = Annotated[list[str] | None, typer.Option("--objective", "-o", help="Objectives to time (default: "
+                                                         "all).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Rows of a batch.")]
+SeqOpt = Annotated[int, typer.Option("--seq-len", help="Tokens of a row.")]
+SecondsOpt = Annotated[float, typer.Option("--seconds", help="Seconds timing ours, and again the peer, per objective.")]
+
 bench_app = typer.Typer(rich_markup_mode=None,
                         help="Benchmarks, each beside its peer: batch construction, generation, data preparation.")
 
@@ -22,12 +28,10 @@ bench_app = typer.Typer(rich_markup_mode=None,
 @_friendly
 def bench(
     ctx: typer.Context,
-    objective: Annotated[list[str] | None, typer.Option("--objective", "-o", help="Objectives to time (default: "
-                                                        "all).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
-    seconds: Annotated[float, typer.Option("--seconds", help="Seconds timing ours, and again the peer, per "
-                                           "objective.")] = 2.0,
+    objective: ObjectivesOpt = None,
+    batch_size: BatchOpt = 64,
+    seq_len: SeqOpt = 512,
+    seconds: SecondsOpt = 2.0,
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="Also time generation with the KV "
                                            "cache against recomputation (256 new tokens).")] = True,
     data: DataOpt = None,
@@ -44,12 +48,10 @@ def bench(
 @bench_app.command("batches")
 @_friendly
 def batches(
-    objective: Annotated[list[str] | None, typer.Option("--objective", "-o", help="Objectives to time (default: "
-                                                        "all).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
-    seconds: Annotated[float, typer.Option("--seconds", help="Seconds timing ours, and again the peer, per "
-                                           "objective.")] = 2.0,
+    objective: ObjectivesOpt = None,
+    batch_size: BatchOpt = 64,
+    seq_len: SeqOpt = 512,
+    seconds: SecondsOpt = 2.0,
     data: DataOpt = None,
 ) -> None:
     """Batch construction per objective beside its per-example reference peer, one thread."""

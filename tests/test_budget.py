@@ -12,7 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
-from tiny_runs import TINY, expect_error, runner, sets, train, write_corpus
+from tiny_runs import TINY, expect_error, runner, sets, train
 
 from pretrain.budget import TIMING_SKIP, TIMING_STEPS, Horizon, parse_duration
 from pretrain.checkpoint import TrainState
@@ -22,11 +22,6 @@ from pretrain.errors import UserError
 from pretrain.runlist import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def test_durations():

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import TINY, sets, write_corpus
+from tiny_runs import TINY, sets, write_corpus
 from typer.testing import CliRunner
 
 from pretrain.cli import app

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import TINY, sets, torchrun, write_corpus
+from tiny_runs import TINY, sets, torchrun
 from typer.testing import CliRunner
 
 from pretrain.batches import BatchPlan
@@ -18,16 +18,6 @@ from pretrain.cli import app
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def args(corpus: Path, cache: Path, out: Path, steps: int, *extra: str) -> list[str]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import TINY, sets, write_corpus
 from safetensors.torch import load_file, save_file
+from tiny_runs import TINY, sets, write_corpus
 from typer.testing import CliRunner
 
 from pretrain.cli import app
@@ -23,16 +23,6 @@ from pretrain.cli import app
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def cli(*args: str):

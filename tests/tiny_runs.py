@@ -1,5 +1,5 @@
-"""Tiny runs for the report, tracking and budget tests: a small English-like corpus and a model that trains a step
-in milliseconds (the same sizes as tests/test_cli.py)."""
+"""Tiny runs for the end-to-end tests: a small English-like corpus, a model that trains a step in milliseconds,
+the CLI runner, one-line error checks and torchrun."""
 
 import random
 from pathlib import Path
@@ -48,3 +48,17 @@ def expect_error(res, *words: str) -> None:
     assert len(res.output.strip().splitlines()) == 1, res.output
     for w in words:
         assert w in res.output, (w, res.output)
+
+
+def torchrun(args: list[str], nproc: int = 2, script: Path | None = None, timeout: int = 300):
+    """`torchrun --nproc_per_node nproc -m pretrain.cli ARGS` (or `script ARGS`) on gloo, one thread per rank;
+    returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    exe = str(Path(sys.executable).parent / "torchrun")
+    target = [str(script)] if script else ["-m", "pretrain.cli"]
+    return subprocess.run([exe, "--nproc_per_node", str(nproc), *target, *args], capture_output=True, text=True,
+                          cwd=root, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
