@@ -53,9 +53,10 @@ def self_attention_mask(
 ) -> tuple[Tensor | None, bool]:
     """The self-attention mask shared by every layer of a stack, and whether to use the causal fast path.
 
-    T new queries attend to L = past + T keys. key_mask (B, L) bool marks real keys; bias (1, nh, T, L) is
-    the relative position bias. Returns a bool mask (True = may attend) broadcastable to (B, nh, T, L), an
-    additive float mask when there is a bias, or None.
+    T new queries attend to L = past + T keys. key_mask (B, L) bool marks real keys, or (B, T, L) the keys each
+    query may see (packed rows, `packed_masks`); bias (1, nh, T, L) is the relative position bias. Returns a
+    bool mask (True = may attend) broadcastable to (B, nh, T, L), an additive float mask when there is a bias,
+    or None.
     """
     if bias is None and key_mask is None:
         if not causal or T == 1:  # encoder without padding, or one new token that may see the whole cache
@@ -66,7 +67,7 @@ def self_attention_mask(
     if causal and T > 1:
         allowed = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)  # (T, L): i sees <= past+i
     if key_mask is not None:
-        keys = key_mask[:, None, None, :]  # (B, 1, 1, L)
+        keys = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]  # (B, 1, 1|T, L)
         allowed = keys if allowed is None else keys & allowed  # (B, 1, T, L)
     if allowed is None:
         return bias, False
@@ -74,3 +75,19 @@ def self_attention_mask(
     if bias is None:
         return allowed, False
     return torch.where(allowed, bias, float("-inf")), False  # (B|1, nh, T, L)
+
+
+def packed_masks(example_ids: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Positions and attention of rows that pack several examples, as HF's `DataCollatorWithFlattening` and
+    modded-nanogpt's document masks do: example_ids (B, T) number each row's examples 1, 2, ... in order (0 =
+    padding), each example contiguous. Returns (positions (B, T): counted from each example's first token;
+    keys (B, T, T) bool: a query sees the real keys of its own example only, `key_mask` (B, T) too if given).
+    The relative position bias needs nothing more: within an example, packed distances are true distances."""
+    T = example_ids.size(1)
+    idx = torch.arange(T, device=example_ids.device)
+    first = example_ids != torch.nn.functional.pad(example_ids[:, :-1], (1, 0), value=-1)  # (B, T)
+    start = torch.where(first, idx, 0).cummax(1).values  # (B, T) where each token's example starts
+    keys = (example_ids[:, :, None] == example_ids[:, None, :]) & (example_ids > 0)[:, None, :]  # (B, T, T)
+    if key_mask is not None:
+        keys &= key_mask[:, None, :]
+    return (idx - start).clamp(max=T - 1), keys

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.cache import KVCache, padding_mask, self_attention_mask
+from models.cache import KVCache, packed_masks, padding_mask, self_attention_mask
 from models.config import Arch, ModelConfig
 from models.layers import Block, Context, RelativeBias, activation_fn, make_norm, rope_angles, sinusoid_table
 
@@ -245,14 +245,19 @@ class Transformer(nn.Module):
         m = key_mask.long()  # (B, L)
         return (m.cumsum(1) - m)[:, past:]  # (B, T); a pad takes the position of the next real token
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None):
-        """Run the encoder: input_ids (B, S), attention_mask (B, S) 1 = real -> hidden states (B, S, C)."""
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+               example_ids: Tensor | None = None):
+        """Run the encoder: input_ids (B, S), attention_mask (B, S) 1 = real -> hidden states (B, S, C).
+        example_ids (B, S): several examples packed in a row (`packed_masks`)."""
         if self.encoder is None:
             raise ValueError("encode() needs an encoder; this is a decoder-only model")
         B, S = input_ids.shape
         self.check_length(S)
         key_mask = attention_mask.bool() if attention_mask is not None else None
         x = self.embed_tokens(input_ids, token_type_ids)
+        if example_ids is not None:
+            pos, key_mask = packed_masks(example_ids, key_mask)
+            return self.encoder(x, pos, key_mask)
         return self.encoder(x, self.position_ids(S, 0, key_mask, x.device), key_mask)
 
     def decode_hidden(
@@ -263,14 +268,21 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
+        example_ids: Tensor | None = None,
     ) -> Tensor:
-        """Decoder hidden states (B, T, C) of the new tokens ids (B, T); see `decode`."""
+        """Decoder hidden states (B, T, C) of the new tokens ids (B, T); see `decode`. example_ids (B, T): several
+        examples packed in a row of a decoder-only model, trained without a cache (`packed_masks`)."""
         if self.decoder is None:
             raise ValueError("decode() needs a decoder; this is an encoder-only model")
         B, T = ids.shape
         past = cache.length if cache is not None else 0
         self.check_length(past + T)
         new_mask = attention_mask.bool() if attention_mask is not None else None
+        if example_ids is not None:
+            if cache is not None or self.encoder is not None:
+                raise ValueError("packed rows (example_ids) train a decoder-only model, without a cache")
+            pos, key_mask = packed_masks(example_ids, new_mask)
+            return self.decoder(self.embed_tokens(ids, token_type_ids), pos, key_mask)
         key_mask = cache.grow_mask(new_mask, B, T) if cache is not None else new_mask  # (B, L) or None
         cross_mask = None
         if self.encoder is not None:
@@ -314,18 +326,23 @@ class Transformer(nn.Module):
         decoder_attention_mask: Tensor | None = None,
         output_mask: Tensor | None = None,
         project: Projection | None = None,
+        example_ids: Tensor | None = None,
     ) -> ModelOutput:
         """Training forward pass (module docstring): logits for every decoder position (decoder-only and
         encoder-decoder) or every input position (encoder); with output_mask (B, T) bool only for the
         selected positions, (N, V) in row-major order. With `project` the logits field holds what
         project(hidden (N|B, T, C), output weight (V, C), bias (V,) | None) returns instead: the caller's own
         projection runs inside the forward pass (where a sharded model's weights are gathered), and the model
-        still computes no loss of its own."""
+        still computes no loss of its own. example_ids (B, T) pack several examples in an encoder's or a
+        decoder-only model's rows: attention stays within each, positions restart at each (`packed_masks`)."""
         if self.arch.kind == "encoder":
-            h = self.encode(input_ids, attention_mask, token_type_ids)
+            h = self.encode(input_ids, attention_mask, token_type_ids, example_ids)
         elif self.arch.kind == "decoder":
-            h = self.decode_hidden(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            h = self.decode_hidden(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                   example_ids=example_ids)
         else:
+            if example_ids is not None:
+                raise ValueError("example_ids pack the rows of an encoder or a decoder-only model")
             if decoder_input_ids is None:
                 raise ValueError("an encoder-decoder needs decoder_input_ids")
             memory = self.encode(input_ids, attention_mask, token_type_ids)

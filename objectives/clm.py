@@ -7,7 +7,10 @@ consecutive stream tokens gives inputs = the first T and labels = the last T (na
 and nanoGPT do (`model.py`, `CausalSelfAttention.forward` with `is_causal=True` over the whole window),
 attention crosses document boundaries inside a window: the `</s>` tells the model a new document starts.
 Block-diagonal masking was measured to buy about 0.1% for a large speed cost
-(https://github.com/mlfoundations/open_lm/issues/206), so we do not mask.
+(https://github.com/mlfoundations/open_lm/issues/206), so by default we do not mask; `doc_attention = true`
+does (as modded-nanogpt's document masks and HF's `DataCollatorWithFlattening` do): each `</s>` starts the
+next document, which attends only to itself, with positions counted from its `</s>`, so every document reads
+as if it began a window (the way `pretrain generate` frames a prompt).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def stream_windows(split: TokenSplit, starts: torch.Tensor, length: int, sep: in
 class CausalLM(Objective):
     """Next-token prediction on every position of a window of the `</s>`-joined document stream."""
 
+    doc_attention: bool = False  # attend only within each document (GPT-2 and nanoGPT attend across documents)
+
     name: ClassVar[str] = "clm"
     arch: ClassVar[Arch] = Arch(kind="decoder")
     loss_terms: ClassVar[dict[str, str]] = {"lm_loss": "labels"}
@@ -65,11 +70,15 @@ class CausalLM(Objective):
             raise ValueError(f"split has {stream_len} stream tokens, fewer than seq_len + 1 = {seq_len + 1}")
         starts = torch.randint(0, span + 1, (batch_size,), generator=gen)
         w = stream_windows(split, starts, seq_len + 1, vocab.eos)  # (B, T+1)
-        return {"input_ids": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
+        out = {"input_ids": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
+        if self.doc_attention:  # each </s> opens the next document's example: 1, 2, ... along the row
+            out["example_ids"] = 1 + (out["input_ids"] == vocab.eos).long().cumsum(1)
+        return out
 
     def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
         """Summed next-token cross-entropy over all B*T positions."""
-        return model(batch["input_ids"], project=lm_terms(batch["labels"], "lm", label_smoothing)).logits
+        return model(batch["input_ids"], example_ids=batch.get("example_ids"),
+                     project=lm_terms(batch["labels"], "lm", label_smoothing)).logits
 
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Bits per byte of a unigram model fit and scored on `split` (the trainer passes the training split):

@@ -123,3 +123,15 @@ def test_clm_windows_join_documents_with_eos_and_shift_by_one():
         assert starts, x
         assert (stream[starts[0] + 1: starts[0] + 5] == y).all()
     assert math.isclose(len({tuple(r) for r in b["input_ids"].tolist()}), 6)  # every start position occurs
+
+
+def test_clm_doc_attention_opens_an_example_at_each_eos():
+    docs = [[list(range(110 + d, 113 + d))] for d in range(30)]  # 3-token documents
+    split = TokenSplit.from_documents(docs)
+    vocab = Vocab.synthetic(V)
+    b = CausalLM(doc_attention=True).batch(split, vocab, make_generator(0), 8, 12)
+    x, ex = b["input_ids"], b["example_ids"]
+    assert ex.shape == x.shape and (ex[:, 0] == 1 + (x[:, 0] == vocab.eos)).all()
+    step = ex.diff(dim=1)
+    assert torch.equal(step, (x[:, 1:] == vocab.eos).long())  # +1 exactly where a </s> starts the next document
+    assert "example_ids" not in CausalLM().batch(split, vocab, make_generator(0), 8, 12)  # off by default, as GPT-2

@@ -281,3 +281,25 @@ def test_too_long_is_an_error_naming_the_keys():
             model.decode(ids(1, 1), cache=cache)
     with pytest.raises(ValueError, match="max_len"):
         make("encoder-decoder", max_len=16, positions="relative")(ids(1, 20), decoder_input_ids=ids(1, 4))
+
+
+# ------------------------------------------------------------------------------------------------ packed rows
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_packed_examples_compute_what_each_computes_alone(kind, positions):
+    """Three examples packed in a row (then padding) give exactly the logits each gives in a row of its own:
+    attention stays within an example and its positions restart."""
+    model = make(kind, positions=positions)
+    lengths = [9, 13, 6]
+    parts = [ids(1, n, seed=10 + i) for i, n in enumerate(lengths)]
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    row = torch.cat([*parts, pad], dim=1)  # (1, 32)
+    example = torch.cat([torch.full((1, n), i + 1) for i, n in enumerate(lengths)] + [pad], dim=1)
+    packed = logits(model, row, example_ids=example)
+    start = 0
+    for part, n in zip(parts, lengths, strict=True):
+        alone = logits(model, part)
+        assert (packed[:, start:start + n] - alone).abs().max() < 1e-5, (kind, positions, start)
+        start += n
+    with pytest.raises(ValueError, match="example_ids"):
+        make("encoder-decoder")(row, decoder_input_ids=row, example_ids=example)
