@@ -201,7 +201,8 @@ def test_time_budget_under_torchrun(corpus, tmp_path):
     """Two gloo processes agree on the horizon and on the step the budget ends at (a rank stopping alone would
     leave the other waiting in its next all-reduce)."""
     r = tmp_path / "ddp"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "pretrain.cli", "run",
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "pretrain.cli",
+           "run",
            "--objective", "clm", "--data", str(corpus), "--max-time", "3s", "--max-steps", "100000", "--out", str(r),
            *sets(*TINY, f"data.cache_dir={tmp_path / 'cache'}", *STEADY)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,

@@ -265,7 +265,8 @@ def test_interrupt_checkpoints_finished_steps_and_resume_is_exact(corpus, tmp_pa
 def test_torchrun_two_processes(corpus, tmp_path):
     """Two CPU processes under torchrun (gloo): DDP trains, rank 0 alone writes the run folder and prints."""
     r = tmp_path / "ddp"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "pretrain.cli", "run",
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "pretrain.cli",
+           "run",
            "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "4", "--out", str(r),
            *sets(*TINY, f"data.cache_dir={tmp_path / 'cache'}", "train.eval_every=2", "train.ckpt_every=2")]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,

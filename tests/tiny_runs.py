@@ -60,5 +60,6 @@ def torchrun(args: list[str], nproc: int = 2, script: Path | None = None, timeou
     root = Path(__file__).resolve().parent.parent
     exe = str(Path(sys.executable).parent / "torchrun")
     target = [str(script)] if script else ["-m", "pretrain.cli"]
-    return subprocess.run([exe, "--nproc_per_node", str(nproc), *target, *args], capture_output=True, text=True,
+    return subprocess.run([exe, "--standalone", "--nproc_per_node", str(nproc), *target, *args], capture_output=True,
+                          text=True,
                           cwd=root, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
