@@ -91,3 +91,13 @@ def packed_masks(example_ids: Tensor, key_mask: Tensor | None) -> tuple[Tensor, 
     if key_mask is not None:
         keys &= key_mask[:, None, :]
     return (idx - start).clamp(max=T - 1), keys
+
+
+def first_tokens(example_ids: Tensor) -> Tensor:
+    """(B, E) the position of each packed example's first token (E: the most examples in a row; a row with
+    fewer gets its last position there, which the caller ignores)."""
+    B, T = example_ids.shape
+    E = max(1, int(example_ids.max()))
+    pos = torch.arange(T, device=example_ids.device).expand(B, T)
+    first = torch.full((B, E + 1), T - 1, dtype=torch.long, device=example_ids.device)
+    return first.scatter_reduce(1, example_ids, pos, reduce="amin")[:, 1:]

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.cache import KVCache, packed_masks, padding_mask, self_attention_mask
+from models.cache import KVCache, first_tokens, packed_masks, padding_mask, self_attention_mask
 from models.config import Arch, ModelConfig
 from models.layers import Block, Context, RelativeBias, activation_fn, make_norm, rope_angles, sinusoid_table
 
@@ -169,9 +169,11 @@ class Pooler(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.d_model, n_classes)
 
-    def forward(self, h: Tensor) -> Tensor:
-        """h (B, T, C) -> class logits (B, n_classes)."""
-        return self.classifier(self.drop(torch.tanh(self.dense(h[:, 0]))))
+    def forward(self, h: Tensor, first: Tensor | None = None) -> Tensor:
+        """h (B, T, C) -> class logits (B, n_classes) of each row's first token, or (B, E, n_classes) of the
+        tokens at positions first (B, E) (the first token of each packed example)."""
+        x = h[:, 0] if first is None else h.gather(1, first[..., None].expand(-1, -1, h.size(-1)))
+        return self.classifier(self.drop(torch.tanh(self.dense(x))))
 
 
 # --------------------------------------------------------------------------------------- transformer
@@ -347,7 +349,10 @@ class Transformer(nn.Module):
                 raise ValueError("an encoder-decoder needs decoder_input_ids")
             memory = self.encode(input_ids, attention_mask, token_type_ids)
             h = self.decode_hidden(decoder_input_ids, memory, attention_mask, attention_mask=decoder_attention_mask)
-        cls_logits = self.pooler(h) if self.pooler is not None else None
+        if self.pooler is None:
+            cls_logits = None
+        else:
+            cls_logits = self.pooler(h, first_tokens(example_ids) if example_ids is not None else None)
         if output_mask is not None:
             h = h[output_mask]  # (N, C)
         return ModelOutput(self.lm_head(h, self.embed.weight, project), cls_logits)

@@ -66,6 +66,7 @@ import torch
 from models.config import Arch
 from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, lm_terms
 from objectives.clm import stream_windows
+from objectives.packing import next_fit, per_example, place
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class MaskedLM(Objective):
     nsp: bool = True  # BERT sentence pairs + next-sentence prediction; false = RoBERTa full-sentence packing
     short_seq_prob: float = 0.1  # NSP: probability of a shorter random target length (BERT: 0.1)
     whole_word: bool = False  # select whole words (a word-start piece and its continuations) as a unit
+    pack: bool = False  # NSP: several pairs share a row, attention within each, instead of padding it (packing.py)
 
     name: ClassVar[str] = "mlm"
     default_recipe: ClassVar[str] = "bert-tiny"  # recipe used by `pretrain run --objective mlm` without --recipe
@@ -103,6 +105,9 @@ class MaskedLM(Objective):
             raise UserError(f"objective.max_predictions must be >= 0 (0 = no cap), got {self.max_predictions}")
         if not 0.0 <= self.short_seq_prob <= 1.0:
             raise UserError(f"objective.short_seq_prob must be in [0, 1], got {self.short_seq_prob}")
+        if self.pack and not self.nsp:
+            raise UserError("objective.pack packs NSP sentence pairs; RoBERTa's full-sentence blocks (nsp = false) "
+                            "fill their rows already: leave pack off")
 
     # `arch` and `loss_terms` depend on `nsp`, so they are properties rather than ClassVars; everything reads
     # them from the instance. Sequences are seq_len tokens long, specials included (the default
@@ -126,6 +131,8 @@ class MaskedLM(Objective):
 
     def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
         """Sentence pairs (NSP) or full-sentence blocks, then dynamic masking. Pure given `gen`."""
+        if self.pack:
+            return self._packed(split, vocab, gen, batch_size, seq_len)
         out = self.layout(split, vocab, gen, batch_size, seq_len)
         out["input_ids"], out["labels"] = self.mask(out["input_ids"], vocab, gen)
         return out
@@ -138,6 +145,26 @@ class MaskedLM(Objective):
         if self.nsp:
             return _sentence_pairs(split, vocab, gen, batch_size, seq_len, self.short_seq_prob)
         return _full_sentences(split, vocab, gen, batch_size, seq_len)
+
+    def _packed(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int) -> Batch:
+        """BERT's pairs, each masked as its own sequence, packed next-fit into B rows of T (objectives/packing.py):
+        next_sentence_label (B, E) per example, IGNORE_INDEX past a row's examples; example_ids (B, T)."""
+        if split.n_tokens < 2:
+            raise ValueError(f"split has {split.n_tokens} tokens; masked LM needs at least 2")
+        parts, done = [], False
+        while not done:  # a pass is almost always enough; a batch of long pairs draws another
+            parts.append(_sentence_pairs(split, vocab, gen, B * (2 + T // 64), T, self.short_seq_prob))
+            pairs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            lengths = pairs["attention_mask"].sum(1)
+            row, off, done = next_fit(lengths.numpy(), B, T)
+        k = len(row)
+        ids, labels = self.mask(pairs["input_ids"][:k], vocab, gen)  # BERT's count per pair
+        fields = {"input_ids": ids, "labels": labels, "token_type_ids": pairs["token_type_ids"][:k]}
+        out = place(fields, lengths, (row, off), (B, T), {"input_ids": vocab.pad, "labels": IGNORE_INDEX,
+                                                           "token_type_ids": 0})
+        out["attention_mask"] = (out["example_ids"] > 0).long()
+        out["next_sentence_label"] = per_example(pairs["next_sentence_label"], row, B)
+        return out
 
     def mask(self, input_ids: torch.Tensor, vocab: Vocab, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Select and corrupt pieces of input_ids (B, T); returns (corrupted ids, labels), both (B, T)."""
@@ -191,6 +218,7 @@ class MaskedLM(Objective):
             attention_mask=batch["attention_mask"],
             token_type_ids=batch.get("token_type_ids"),
             output_mask=sel,
+            example_ids=batch.get("example_ids"),
             project=lm_terms(labels[sel], "mlm", label_smoothing),  # the rows of sel, row-major
         )
         terms = dict(out.logits)

@@ -46,6 +46,7 @@ ReverseWindow = readme_objective()
 
 CASES = [(name, {}) for name in OBJECTIVES] + [
     ("clm", {"doc_attention": True}),
+    ("mlm", {"pack": True}),
     ("mlm", {"nsp": False}),
     ("mlm", {"whole_word": True, "selection": "bernoulli"}),
     ("denoise", {"delete_ratio": 0.1, "token_mask_ratio": 0.1, "insert_ratio": 0.1, "rotate_ratio": 0.5}),

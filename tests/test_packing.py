@@ -1,0 +1,118 @@
+"""Packed rows: several examples share a row, each computes what it would alone (the model's block-diagonal
+attention, restarted positions, a classifier per example), and packing selects nothing, so the objective's
+statistics are the unpacked ones (BERT's NSP pairs here)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_mlm import SPLIT, VOCAB, make_split
+
+from models.config import Arch, ModelConfig
+from models.transformer import Transformer
+from objectives.base import IGNORE_INDEX, make_generator
+from objectives.mlm import MaskedLM, _sentence_pairs
+from objectives.packing import next_fit
+from pretrain.tokenizer import N_SPECIAL, Vocab
+
+PACKED = MaskedLM(pack=True)
+
+
+def examples(b: dict, i: int) -> list[tuple[slice, int]]:
+    """(span, example number) of each packed example of row i."""
+    ex = b["example_ids"][i].tolist()
+    out, start = [], 0
+    for j in range(1, len(ex) + 1):
+        if j == len(ex) or ex[j] != ex[start]:
+            if ex[start] > 0:
+                out.append((slice(start, j), ex[start]))
+            start = j
+    return out
+
+
+def test_next_fit_keeps_the_order_and_never_overflows():
+    lengths = np.array([50, 60, 30, 100, 20, 20, 90, 10])
+    row, off, full = next_fit(lengths, 3, 128)
+    assert row.tolist() == [0, 0, 1, 2, 2] and off.tolist() == [0, 50, 0, 0, 100] and full  # 20 more: a 4th row
+    row, off, full = next_fit(np.array([10, 10]), 3, 128)
+    assert not full  # two short examples cannot reach three rows: the caller draws more
+
+
+def test_packed_rows_hold_whole_pairs_with_their_own_segments():
+    b = PACKED.batch(SPLIT, VOCAB, make_generator(0), 16, 128)
+    assert b["input_ids"].shape == (16, 128) and b["next_sentence_label"].shape[0] == 16
+    for i in range(16):
+        spans = examples(b, i)
+        assert [e for _, e in spans] == list(range(1, len(spans) + 1))  # contiguous, numbered in order
+        labels = b["next_sentence_label"][i].tolist()
+        assert all(x in (0, 1) for x in labels[:len(spans)]) and all(x == IGNORE_INDEX for x in labels[len(spans):])
+        for span, _ in spans:
+            x, t = b["input_ids"][i, span], b["token_type_ids"][i, span]
+            seps = (x == VOCAB.sep).nonzero().flatten().tolist()
+            assert x[0] == VOCAB.cls and len(seps) >= 2 and seps[-1] == len(x) - 1  # [CLS] A [SEP] B [SEP]
+            assert (t[: seps[0] + 1] == 0).all() and (t[seps[0] + 1:] == 1).all()  # types restart per pair
+    real = float((b["example_ids"] > 0).float().mean())
+    assert real > 0.9, real  # the unpacked pairs of this corpus fill about two thirds of their rows
+
+
+def test_packing_selects_nothing_the_pairs_are_the_drawn_prefix():
+    """The packed pairs are, in order, the first pairs `_sentence_pairs` draws from the same generator: packing
+    keeps every one until the rows are full, long or short, IsNext or NotNext."""
+    gen_a, gen_b = make_generator(3), make_generator(3)
+    b = PACKED.batch(SPLIT, VOCAB, gen_a, 8, 128)
+    drawn = _sentence_pairs(SPLIT, VOCAB, gen_b, 8 * 4, 128, PACKED.short_seq_prob)
+    k = 0
+    for i in range(8):
+        for span, e in examples(b, i):
+            original = torch.where(b["labels"][i, span] != IGNORE_INDEX, b["labels"][i, span],
+                                   b["input_ids"][i, span])  # the clean pair, masks undone
+            n = span.stop - span.start
+            assert torch.equal(original, drawn["input_ids"][k, :n]) and int(drawn["attention_mask"][k].sum()) == n
+            assert b["next_sentence_label"][i, e - 1] == drawn["next_sentence_label"][k]
+            k += 1
+
+
+def test_packed_statistics_are_berts():
+    """NotNext at 50% and BERT's exact masked count per pair (round(n x 0.15), n counting [CLS]/[SEP])."""
+    split = make_split(seed=2)
+    vocab = Vocab.synthetic(N_SPECIAL + split.n_tokens)
+    labels, n_pairs = [], 0
+    for s in range(40):
+        b = PACKED.batch(split, vocab, make_generator(s), 16, 128)
+        lab = b["next_sentence_label"]
+        labels += lab[lab != IGNORE_INDEX].tolist()
+        for i in range(16):
+            for span, _ in examples(b, i):
+                n = span.stop - span.start
+                assert int((b["labels"][i, span] != IGNORE_INDEX).sum()) == max(1, round(n * 0.15))
+                n_pairs += 1
+    rate = float(np.mean(labels))
+    assert abs(rate - 0.5) < 5 * math.sqrt(0.25 / len(labels)), (rate, len(labels))
+    assert n_pairs == len(labels) > 500
+
+
+def test_a_packed_classifier_scores_each_example_as_alone():
+    cfg = ModelConfig(n_layers=2, n_heads=2, d_model=32, d_ff=64, max_len=64, norm_placement="post",
+                      embed_norm=True)
+    torch.manual_seed(0)
+    model = Transformer(cfg, Arch(kind="encoder", segments=True, lm_transform=True, classifier=2), 600).eval()
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randint(110, 600, (1, n), generator=g) for n in (11, 20, 7)]
+    types = [torch.cat([torch.zeros(1, n // 2), torch.ones(1, n - n // 2)], 1).long() for n in (11, 20, 7)]
+    ex = torch.cat([torch.full((1, p.size(1)), i + 1) for i, p in enumerate(parts)] + [torch.zeros(1, 5)], 1).long()
+    row, tt = torch.cat([*parts, torch.zeros(1, 5, dtype=torch.long)], 1), torch.cat([*types, torch.zeros(1, 5)], 1)
+    with torch.no_grad():
+        packed = model(row, token_type_ids=tt.long(), example_ids=ex).cls_logits  # (1, 3, 2)
+        for i, (p, t) in enumerate(zip(parts, types, strict=True)):
+            alone = model(p, token_type_ids=t).cls_logits  # (1, 2)
+            assert (packed[0, i] - alone[0]).abs().max() < 1e-5, i
+
+
+def test_pack_needs_nsp():
+    from pretrain.errors import UserError
+
+    with pytest.raises(UserError, match="pack"):
+        MaskedLM(pack=True, nsp=False)
