@@ -8,9 +8,11 @@ computes its own loss, as a user's loop on it would), with the same optimizer (`
 precision (bf16 autocast, or fp32) and the same threads, alternating step by step so that a change of machine
 load falls on both; the figures are medians over the steps (ratios: of per-pair ratios).
 
-Per step it reports tokens/s of each side counting every position of the batch (padding included: the work
-HF's fixed-shape batch does) and counting only real input tokens (the attention mask's ones), the ratio, and
-MFU of ours against the bf16 / fp32 matmul peak measured in the same run (`pretrain.metrics.measure_peak_flops`).
+Where the recipe packs examples into rows (mlm `pack`), ours trains the packed batches and HF the unpacked ones
+it can compute (its models cannot keep attention within packed examples). Per step it reports tokens/s of each
+side counting every position of the batch (padding included) and counting only real input tokens (the
+attention mask's ones), both ratios, the real share of each side's positions, and MFU of ours against the
+bf16 / fp32 matmul peak measured in the same run (`pretrain.metrics.measure_peak_flops`).
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def hf_inputs(batch: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tens
     return {k: v for k, v in batch.items() if k in keep}
 
 
-def timed_steps(cfg, ours, hf, batches: list[dict], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each side's training step, alternating ours / HF for `rounds` rounds after one warm-up each."""
+def timed_steps(cfg, ours, hf, batches: dict[str, list[dict]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each side's training step on its own batches (`batches["ours"]`, `batches["hf"]`), alternating
+    ours / HF for `rounds` rounds after one warm-up each."""
     from pretrain.metrics import Meter
     from pretrain.optim import build_optimizer
     from pretrain.runtime import AMP_DTYPES, Engine, Runtime
@@ -98,9 +101,9 @@ def timed_steps(cfg, ours, hf, batches: list[dict], rounds: int) -> dict[str, li
 
     out: dict[str, list[float]] = {"ours": [], "hf": []}
     for i in range(rounds + 1):
-        b = batches[i % len(batches)]
         order = (("ours", step_ours), ("hf", step_hf))
         for name, fn in order if i % 2 == 0 else order[::-1]:  # who goes first alternates too
+            b = batches[name][i % len(batches[name])]
             t0 = time.perf_counter()
             fn(b)
             if i:  # round 0 warms both up
@@ -118,24 +121,35 @@ def bench_family(family: str, size: str, precision: str, rounds: int, cache_dir:
     prepared = prepare(cfg.data, extra_pieces=cfg.objective.special_pieces, progress=False)
     vocab, split = prepared.tokenizer.vocab, prepared.cache.split("train")
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    batches = [cfg.objective.batch(split, vocab, make_generator(0, "bench-train", i), B, T) for i in range(4)]
+    batches = {side: [obj.batch(split, vocab, make_generator(0, "bench-train", i), B, T) for i in range(4)]
+               for side, obj in (("ours", cfg.objective), ("hf", unpacked(cfg.objective)))}
     ours, hf = build_pair(cfg, vocab)
     same = max(max_abs_diff(ours.eval(), hf.eval(), probe(cfg, vocab)).values())  # fp32 logits before training
     ours.train(), hf.train()
     times = timed_steps(cfg, ours, hf, batches, rounds)
-    nominal = statistics.mean(b["input_ids"].numel() for b in batches)
-    real = statistics.mean(input_tokens(b) for b in batches)
+    real = {side: statistics.mean(input_tokens(b) for b in bs) for side, bs in batches.items()}
+    nominal = B * T
     t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
     ratio = statistics.median(h / o for o, h in zip(times["ours"], times["hf"], strict=True))
     peak = measure_peak_flops(torch.device("cpu"), torch.bfloat16 if precision == "bf16" else None)
-    dec = cfg.objective.decoder_length(T)
-    mfu = ours.flops_per_token(T, dec) * nominal / t_ours / peak
+    mfu = ours.flops_per_token(T, cfg.objective.decoder_length(T)) * nominal / t_ours / peak
+    real_ratio = ratio * real["ours"] / real["hf"]
     return {"family": family, "objective": cfg.objective.name, "size": size, "precision": precision,
             "ours_tokens_per_s": nominal / t_ours, "hf_tokens_per_s": nominal / t_hf,
-            "ours_real_tokens_per_s": real / t_ours, "hf_real_tokens_per_s": real / t_hf,
-            "real_share": real / nominal, "ratio": ratio, "target": TARGETS[precision],
-            "meets": ratio >= TARGETS[precision], "mfu": mfu, "peak_flops": peak, "rounds": rounds,
-            "same_model_max_abs_diff": same}
+            "ours_real_tokens_per_s": real["ours"] / t_ours, "hf_real_tokens_per_s": real["hf"] / t_hf,
+            "ours_real_share": real["ours"] / nominal, "hf_real_share": real["hf"] / nominal, "ratio": ratio,
+            "real_ratio": real_ratio, "target": TARGETS[precision],
+            "meets": min(ratio, real_ratio) >= TARGETS[precision], "mfu": mfu, "peak_flops": peak,
+            "rounds": rounds, "same_model_max_abs_diff": same}
+
+
+def unpacked(objective):
+    """The objective as a user of transformers would batch it: each example in a row of its own (transformers'
+    models cannot keep attention within packed examples)."""
+    import dataclasses
+
+    off = {f.name: False for f in dataclasses.fields(objective) if f.name in ("pack", "doc_attention")}
+    return dataclasses.replace(objective, **off)
 
 
 def print_rows(rows: list[dict], console: Any) -> None:
@@ -147,6 +161,6 @@ def print_rows(rows: list[dict], console: Any) -> None:
         "tokens/s (real tokens)",
         [(f"{r['family']} {r['size']} {r['precision']}", f"{r['ours_tokens_per_s']:,.0f} "
           f"({r['ours_real_tokens_per_s']:,.0f})", f"{r['hf_tokens_per_s']:,.0f} ({r['hf_real_tokens_per_s']:,.0f})",
-          f"{r['ratio']:.2f}x", f"{'yes' if r['meets'] else 'NO'} (>= {r['target']:g}x)", f"{r['real_share']:.0%}",
-          f"{r['mfu']:.1%}") for r in rows],
-        ("family", "ours", "transformers", "ratio", "meets", "real", "MFU")))
+          f"{r['ratio']:.2f}x ({r['real_ratio']:.2f}x)", f"{'yes' if r['meets'] else 'NO'} (>= {r['target']:g}x)",
+          f"{r['ours_real_share']:.0%} / {r['hf_real_share']:.0%}", f"{r['mfu']:.1%}") for r in rows],
+        ("family", "ours", "transformers", "ratio", "meets", "real ours/HF", "MFU")))
