@@ -243,6 +243,25 @@ def test_ul2_tiny_resumes_bit_exactly(corpus, tmp_path):
         json.loads((tmp_path / "part" / "summary.json").read_text())) | {k for r in strip if "split" in r for k in r}
     cfg = json.loads((tmp_path / "part" / "config.json").read_text())
     assert [c["label"] for c in cfg["objective"]["components"]] == ["r3", "r8", "x3", "x8", "x64_15", "x64_50", "s"]
+    _generate_in_each_mode(tmp_path / "part")
+
+
+def _generate_in_each_mode(run: Path):
+    """`generate --mode M` frames the prompt with M first, as the component with that mode was trained; no mode
+    gives a note; a mode the run lacks is a one-line error."""
+    from pretrain.generate import encode_prompts, framed, load_run
+
+    for mode in ("[NLU]", "[NLG]", "[S2S]"):
+        r = load_run(run, mode=mode)
+        ids = framed(r, encode_prompts(r, ["the model reads"])[0])
+        assert ids[0] == r.tokenizer.vocab.special_id(mode) and ids[-1] == r.tokenizer.vocab.eos
+        res = runner.invoke(app, ["generate", str(run), "--prompt", "the model reads", "--mode", mode,
+                                  "--max-new-tokens", "3"])
+        assert res.exit_code == 0 and "input: the model reads" in res.output, res.output
+    res = runner.invoke(app, ["generate", str(run), "--prompt", "the model", "--max-new-tokens", "2"])
+    assert res.exit_code == 0 and "--mode" in res.output
+    res = runner.invoke(app, ["generate", str(run), "--prompt", "the model", "--mode", "[XYZ]"])
+    assert res.exit_code == 2 and "[NLU], [NLG], [S2S]" in res.output and len(res.output.strip().splitlines()) == 1
 
 
 def test_ul2_tiny_learns_on_every_component(corpus, tmp_path):
@@ -281,3 +300,15 @@ def test_bad_mixtures_are_one_line_errors(corpus, tmp_path):
     res = runner.invoke(app, ["run", "--objective", "mixture", "--set", "objective.components=span", "--max-steps",
                               "1"])
     assert res.exit_code == 2 and "recipe file" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_mode_framing_of_a_run_without_modes_is_an_error():
+    from pretrain.generate import framing_for
+
+    vocab = Vocab.synthetic(V)
+    assert framing_for(CausalLM(), vocab, None) == CausalLM().framing(vocab)
+    with pytest.raises(UserError, match="it has none"):
+        framing_for(CausalLM(), vocab, "[S2S]")
+    m = Mixture()
+    f = framing_for(m, vocab_for(m), "[S2S]")
+    assert f.prefix == (vocab_for(m).special_id("[S2S]"),) and f.suffix == (vocab.eos,) and f.decoder_start == 0
