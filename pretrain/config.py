@@ -243,7 +243,7 @@ def resolve(
             _set_dotted(raw, key, value)
             sources[key] = "flag"
     for item in sets:
-        key, value = _split_set(item)
+        key, value = split_set(item)
         _set_dotted(raw, key, value)  # text: pretrain/typed.py types it from the field's annotation
         sources[key] = "--set"
     cfg = config_from_dict(raw, recipe=recipe or "")
@@ -252,7 +252,7 @@ def resolve(
     return cfg, report
 
 
-def _split_set(item: str) -> tuple[str, str]:
+def split_set(item: str) -> tuple[str, str]:
     """'section.key=value' -> ('section.key', 'value')."""
     if "=" not in item:
         raise UserError(f"--set '{item}' must look like section.key=value (e.g. --set train.lr=3e-4)")
@@ -264,7 +264,7 @@ def override(cfg: Config, sets: list[str], sections: tuple[str, ...] = ("data", 
     """A run's `cfg` with `--set section.key=value` overrides applied in order, typed as in `resolve`; only keys of
     `sections` may change (the run's model and objective are fixed)."""
     raw = cfg.to_dict()
-    for key, value in map(_split_set, sets):
+    for key, value in map(split_set, sets):
         if key.split(".")[0] not in sections:
             raise UserError(f"--set {key}: only {', '.join(s + '.*' for s in sections)} keys can change here "
                             "(the model and objective are the run's own)")
