@@ -80,6 +80,10 @@ class Objective(abc.ABC):
     modes: ClassVar[tuple[str, ...]] = ()
     """Mode tokens a prompt may start with (UL2's `[NLU]`, `[NLG]`, `[S2S]`), each one of `special_pieces`:
     `pretrain generate --mode` and the probe's `probe.mode` pick one (`mode_framing`). May be a property."""
+    one_pass: ClassVar[bool] = True
+    """True when `loss` runs the model once per batch. A mixture runs it once per component present, a number that
+    differs between ranks; train.parallel = "fsdp", which gathers the sharded weights at every pass, refuses it.
+    May be a property."""
     scores_whole_text: ClassVar[bool] = False
     """True when the main loss term predicts every token of the text, in order (a causal LM): its bits per byte
     is then the text's compression rate, comparable with any such run whatever its tokenizer, and `pretrain

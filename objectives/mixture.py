@@ -37,6 +37,10 @@ its label (`r3_span_loss`, `s_prefix_acc`, ...). `weighting` decides what the tr
   how much data and compute estimate it).
 Either way the trainer's one division per term is unchanged, and a component absent from a micro-batch adds a
 zero sum. Every component must keep its main targets in the same field for "tokens" (all built-in ones do).
+Under torchrun, DDP trains a mixture as one process does (its gradients are reduced once per step, whatever
+the passes); FSDP gathers the sharded weights at every forward pass, and ranks whose micro-batches hold other
+components make other passes, so a mixture of several components refuses train.parallel = "fsdp"
+(`one_pass`).
 """
 
 from __future__ import annotations
@@ -179,6 +183,11 @@ class Mixture(Objective):
             for term, fld in items[1:] if self.weighting == "tokens" else items:
                 out[f"{label}_{term}"] = f"{OWN}{label}_{fld}"
         return out
+
+    @property
+    def one_pass(self) -> bool:
+        """One forward pass per micro-batch only for a mixture of one component (module docstring)."""
+        return len(self.components) == 1
 
     @property
     def modes(self) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ class Examples:
         return Examples([self.texts[i] for i in idx], self.labels[idx], [self.groups[i] for i in idx], self.classes)
 
 
+@lru_cache(maxsize=2)  # `pretrain compare` probes every run in one process: read the standard library once
 def stdlib_packages(n_classes: int) -> Examples:
     """The built-in task: docstrings labeled by top-level package, grouped by module (module docstring)."""
     from pretrain.corpus import file_documents, source_files, stdlib_dir

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import TINY, sets, write_corpus
+from cli_helpers import TINY, sets, torchrun, write_corpus
 from typer.testing import CliRunner
 
 from models.config import ModelConfig
@@ -312,3 +312,26 @@ def test_mode_framing_of_a_run_without_modes_is_an_error():
     m = Mixture()
     f = framing_for(m, vocab_for(m), "[S2S]")
     assert f.prefix == (vocab_for(m).special_id("[S2S]"),) and f.suffix == (vocab.eos,) and f.decoder_start == 0
+
+
+def test_ddp_trains_a_mixture_as_one_process_and_fsdp_refuses_it(corpus, tmp_path):
+    """train.global_batch = 16: one process accumulates two micro-batches, each of 2 ranks takes one, whose rows
+    fall to other components (so other forward passes); the losses agree. FSDP, whose every pass is a collective,
+    refuses a mixture of several components."""
+    from pretrain.config import TrainConfig
+    from pretrain.parallel import mode_for
+
+    extra = ("train.global_batch=16", "train.log_every=1", "train.eval_every=0", "model.positions=sinusoidal")
+    one, two = tmp_path / "one", tmp_path / "ddp"
+    res = _run(corpus, one, tmp_path / "cache", "--max-steps", "3", extra=extra)
+    assert res.exit_code == 0, res.output
+    p = torchrun(["run", "--recipe", "ul2-tiny", "--data", str(corpus), "--out", str(two), "--max-steps", "3",
+                  *sets(*TINY, *MIX, f"data.cache_dir={tmp_path / 'cache'}", *extra)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = [r for r in _records(one) if "split" not in r]
+    b = [r for r in _records(two) if "split" not in r]
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    assert max(abs(x["mixture_loss"] - y["mixture_loss"]) for x, y in zip(a, b, strict=True)) < 1e-5
+    with pytest.raises(UserError, match="train.parallel=ddp"):
+        mode_for(TrainConfig(parallel="fsdp"), 2, Mixture().one_pass)
+    assert mode_for(TrainConfig(parallel="fsdp"), 2, Mixture((Component(SpanCorruption()),)).one_pass) == "fsdp"
