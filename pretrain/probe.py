@@ -6,7 +6,8 @@ fixed small budget, two ways, over `probe.seeds` seeds:
 - linear probe: the model frozen, its pooled features computed once, standardized on the training examples,
   and a logistic regression trained on them (`probe.linear_steps` steps of AdamW on mini-batches of 64);
 - full fine-tuning: every weight and the head trained (`probe.steps` steps of `probe.batch_size` examples,
-  AdamW at `probe.lr` with a 10% linear warmup and a linear decay), in the run's precision.
+  AdamW at `probe.lr` for the model and `probe.head_lr` for the new head, with a 10% linear warmup and a linear
+  decay), in the run's precision.
 Each is scored on the test examples by accuracy and macro-F1 (the mean F1 over the test's classes) beside the
 majority-class baseline (always the most frequent training class), with the mean and the standard deviation
 over the seeds. The same architecture at random initialisation (`train.seed`, never trained) is probed too, as
@@ -62,7 +63,8 @@ class ProbeConfig:
     seeds: int = 3  # seeds of the head's initialisation and batch order
     steps: int = 100  # full fine-tuning: optimizer steps
     batch_size: int = 16  # full fine-tuning: examples per step
-    lr: float = 1e-4  # full fine-tuning: peak learning rate (10% warmup, linear decay)
+    lr: float = 1e-4  # full fine-tuning: peak learning rate of the model's weights (10% warmup, linear decay)
+    head_lr: float = 1e-3  # full fine-tuning: peak learning rate of the new head, which starts from nothing
     linear_steps: int = 300  # linear probe: steps of AdamW on the frozen features
     linear_lr: float = 1e-2  # linear probe: learning rate
     random_init: bool = True  # also probe the architecture at random initialisation (the control)
@@ -77,8 +79,8 @@ class ProbeConfig:
             raise UserError(f"probe.test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.max_len < 4:
             raise UserError(f"probe.max_len must be >= 4, got {self.max_len}")
-        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.linear_lr) and self.linear_lr > 0):
-            raise UserError("probe.lr and probe.linear_lr must be finite numbers > 0")
+        if not all(math.isfinite(v) and v > 0 for v in (self.lr, self.head_lr, self.linear_lr)):
+            raise UserError("probe.lr, probe.head_lr and probe.linear_lr must be finite numbers > 0")
         if not self.data and self.task not in TASKS:
             raise UserError(f"unknown probe task {self.task!r}; the built-in tasks are {', '.join(TASKS)}, or give a "
                             "labeled file with --data FILE.jsonl")
@@ -209,12 +211,13 @@ def fine_tune(model, reader: Reader, data: tuple, pc: ProbeConfig, seed: int, rt
     torch.nn.init.normal_(head.weight, 0.0, 0.02, generator=g)
     torch.nn.init.zeros_(head.bias)
     params = [*net.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([{"params": list(net.parameters()), "peak": pc.lr},
+                             {"params": list(head.parameters()), "peak": pc.head_lr}], weight_decay=0.01)
     warm = max(1, pc.steps // 10)
     y_all = torch.from_numpy(train_y)
     for step in range(pc.steps):
         for group in opt.param_groups:
-            group["lr"] = pc.lr * min((step + 1) / warm, max(0.0, (pc.steps - step) / (pc.steps - warm + 1)))
+            group["lr"] = group["peak"] * min((step + 1) / warm, max(0.0, (pc.steps - step) / (pc.steps - warm + 1)))
         idx = torch.randint(0, len(train_rows), (pc.batch_size,), generator=g).tolist()
         with rt.autocast():
             logits = head(reader.pooled(net, [train_rows[i] for i in idx], rt.device)).float()

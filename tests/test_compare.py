@@ -18,7 +18,7 @@ runner = CliRunner()
 SMALL = ["model.n_layers=1", "model.n_dec_layers=1", "model.n_heads=2", "model.d_model=32", "model.d_ff=64",
          "model.max_len=32", "data.seq_len=32", "data.vocab_size=420", "train.batch_size=8", "train.eval_batches=2",
          "train.log_every=2", "train.num_workers=0", "train.precision=fp32", "train.eval_every=0",
-         "probe.classes=3", "probe.max_per_class=12", "probe.steps=2", "probe.linear_steps=10", "probe.seeds=2",
+         "probe.classes=3", "probe.max_per_class=12", "probe.steps=2", "probe.linear_steps=5", "probe.seeds=1",
          "probe.max_len=24"]
 
 
