@@ -184,5 +184,7 @@ def test_fine_tuning_learns_an_easy_task(runs):
     texts = [f"the {words[i % 3]} reads" for i in range(120)]
     y = np.arange(120) % 3
     rows = reader.encode(texts)
-    pred = fine_tune(loaded.model, reader, (rows[:90], y[:90], rows[90:]), pc, 0, rt)
+    feats = _features(loaded.model, reader, rows[:90], rt)
+    stats = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    pred = fine_tune(loaded.model, reader, (rows[:90], y[:90], rows[90:], stats), pc, 0, rt)
     assert scores(pred, y[90:])["acc"] > 0.6
