@@ -81,7 +81,7 @@ def bench_batches(names: list[str] | None, batch_size: int, seq_len: int, second
     if split is None or vocab is None:
         from pretrain.data import prepare
 
-        pieces = tuple(dict.fromkeys(p for n in names or OBJECTIVES for p in objective_class(n).special_pieces))
+        pieces = tuple(dict.fromkeys(p for n in names or OBJECTIVES for p in objective_class(n)().special_pieces))
         prepared = prepare(DataConfig(source=source or ""), extra_pieces=pieces, progress=console is not None,
                            console=console)
         split, vocab = prepared.cache.split("train"), prepared.tokenizer.vocab

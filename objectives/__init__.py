@@ -8,6 +8,7 @@ from models.config import Arch
 from objectives.base import IGNORE_INDEX, Batch, Framing, Objective
 from objectives.clm import CausalLM
 from objectives.denoise import Denoising
+from objectives.mixture import Mixture
 from objectives.mlm import MaskedLM
 from objectives.span import PrefixLM, SpanCorruption
 
@@ -19,6 +20,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "span": SpanCorruption,
     "prefix": PrefixLM,
     "denoise": Denoising,
+    "mixture": Mixture,
 }
 
 __all__ = ["DEFAULT_OBJECTIVE", "IGNORE_INDEX", "OBJECTIVES", "Arch", "Batch", "Framing", "Objective"]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import Arch
+from pretrain.errors import UserError
 
 if TYPE_CHECKING:
     from pretrain.data import TokenSplit
@@ -75,7 +76,18 @@ class Objective(abc.ABC):
     """The CPU-sized recipe `pretrain run --objective NAME` starts from; None: the dataclass defaults."""
     special_pieces: ClassVar[tuple[str, ...]] = ()
     """Special pieces of this objective's own (UL2's mode tokens, say): the tokenizer appends them after the
-    fixed ones; look their ids up with `vocab.special_id(piece)`."""
+    fixed ones; look their ids up with `vocab.special_id(piece)`. May be a property (a mixture's modes)."""
+    modes: ClassVar[tuple[str, ...]] = ()
+    """Mode tokens a prompt may start with (UL2's `[NLU]`, `[NLG]`, `[S2S]`), each one of `special_pieces`:
+    `pretrain generate --mode` and the probe's `probe.mode` pick one (`mode_framing`). May be a property."""
+    one_pass: ClassVar[bool] = True
+    """True when `loss` runs the model once per batch. A mixture runs it once per component present, a number that
+    differs between ranks; train.parallel = "fsdp", which gathers the sharded weights at every pass, refuses it.
+    May be a property."""
+    scores_whole_text: ClassVar[bool] = False
+    """True when the main loss term predicts every token of the text, in order (a causal LM): its bits per byte
+    is then the text's compression rate, comparable with any such run whatever its tokenizer, and `pretrain
+    compare` sets it beside the others; otherwise it is per byte of the hidden targets only."""
 
     @abc.abstractmethod
     def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
@@ -109,6 +121,11 @@ class Objective(abc.ABC):
         if self.arch.kind == "decoder":
             return Framing(prefix=(vocab.eos,))
         return Framing(decoder_start=vocab.pad if self.arch.kind == "encoder-decoder" else None)
+
+    def mode_framing(self, vocab: Vocab, mode: str) -> Framing:
+        """The framing of a prompt in mode `mode`, one of `modes` (the callers check): the mode token first, as in
+        training. Default: the objective has no modes, so asking for one is a UserError."""
+        raise UserError(f"the {self.name} objective has no mode tokens, so there is no mode {mode!r}; leave --mode out")
 
     def special_targets(self, vocab: Vocab) -> frozenset[int]:
         """Special ids that may be targets in `labels` (T5's sentinels and `</s>`, BART's `<s>`/`</s>`); any

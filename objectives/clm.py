@@ -55,6 +55,7 @@ class CausalLM(Objective):
     arch: ClassVar[Arch] = Arch(kind="decoder")
     loss_terms: ClassVar[dict[str, str]] = {"lm_loss": "labels"}
     default_recipe: ClassVar[str] = "gpt2-tiny"  # the CPU-sized recipe `pretrain run --objective clm` starts from
+    scores_whole_text: ClassVar[bool] = True  # every token of the stream is a target: bits per byte compare
     # The defaults fit: inputs are seq_len tokens long, and a prompt follows the `</s>` that ends the previous
     # document (Objective.positions_needed, Objective.framing).
 

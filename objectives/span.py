@@ -5,9 +5,16 @@ spans" objective and the prefix-LM baseline), faithful to google-research/text-t
 `noise_span_to_unique_sentinel`, `prefix_lm`, `random_prefix_noise_mask`).
 
 Span corruption, for encoder input length L_in = `data.seq_len`:
-1. Length accounting (`span_lengths`): the largest raw window n with n - noise + spans + 1 <= L_in
-   (noise = round(n * density), spans = round(noise / mean_span), half-to-even, +1 for `</s>`); the targets
-   are noise + spans + 1 long. 512 -> n = 568 (85 noise tokens in 28 spans), targets 114.
+1. Length accounting (`span_lengths`) is T5's `random_spans_helper` (`random_spans_helper` below, the same
+   loop): the largest raw window n with n - noise + spans + 1 <= L_in (noise = round(n * density), spans =
+   round(noise / mean_span), half-to-even, +1 for `</s>`); the targets are noise + spans + 1 long. 512 -> n =
+   568 (85 noise tokens in 28 spans), targets 114. At density 0.5 the helper takes one raw token fewer
+   whenever the targets would come out longer than the inputs (its "minor hack" so both are the same
+   length), which can leave the inputs one token short of L_in: we then emit the shorter inputs (T5 pads
+   them). The helper counts round(noise / mean_span) spans where the mask (`random_spans_noise_mask`) makes at
+   least one; where that rounds to 0 (UL2's mean span 64 at 15% of a 128-token window) the helper's window
+   would overflow the inputs by one token (T5's trim then cuts the final `</s>`), so we take the largest
+   window that fits with the mask's own counts.
 2. Windows of n tokens from the document stream joined with *no separator*, as T5's
    `reduce_concat_tokens` does (`t5/data/preprocessors.py`; the C4 task in `t5/data/tasks.py` runs it before
    `split_tokens`). We keep that: a window may cross a document boundary
@@ -19,8 +26,9 @@ Span corruption, for encoder input length L_in = `data.seq_len`:
    span's sentinel followed by the span, no trailing sentinel; `</s>` appended to both after noising. The
    decoder input is the targets shifted right behind <pad> (T5's start token). The loss covers every
    target token, sentinels and `</s>` included.
-Every row of a batch has the same n, hence the same noise and span counts: inputs are exactly (B, L_in)
-and targets (B, noise + spans + 1), with no padding, which keeps everything fixed-shape tensor code.
+Every row of a batch has the same n, hence the same noise and span counts: inputs are (B, n - noise + spans
++ 1), which is L_in but for the cases above, and targets (B, noise + spans + 1), with no padding, which keeps
+everything fixed-shape tensor code.
 
 Deliberate deviations: window starts are uniform random positions in the stream (T5 cuts consecutive
 chunks of a shuffled stream); our sentinel ids count up from 7 (`<extra_id_k>` = 7 + k, our tokenizer's
@@ -63,31 +71,41 @@ def span_counts(n: int, noise_density: float, mean_span: float) -> tuple[int, in
     return num_noise, num_spans
 
 
+def random_spans_helper(inputs_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """T5's `random_spans_helper` (google-research/text-to-text-transfer-transformer `t5/data/preprocessors.py`)
+    with one sentinel per span in the inputs and the targets: (tokens_length, targets_length), the raw window
+    whose corrupted inputs fill `inputs_length` and the targets' length, `</s>` included. The same loop and the
+    same special case at density 0.5, counts rounded half to even without the mask's clamps."""
+
+    def lengths(tokens_length: int) -> tuple[int, int]:
+        num_noise = int(round(tokens_length * noise_density))
+        num_spans = int(round(num_noise / mean_span))
+        return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+    tokens_length = inputs_length - 1
+    while lengths(tokens_length + 1)[0] <= inputs_length:
+        tokens_length += 1
+    inputs_len, targets_len = lengths(tokens_length)
+    if noise_density == 0.5 and targets_len > inputs_len:  # T5: "get the targets length to be equal to inputs length"
+        tokens_length -= 1
+        targets_len -= 1
+    return tokens_length, targets_len
+
+
 @lru_cache(maxsize=64)
 def span_lengths(seq_len: int, noise_density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int]:
-    """(n, targets_len): the largest raw window n whose corrupted input, one sentinel per span plus
-    `</s>`, fits seq_len (T5's `random_spans_helper`), and the target length noise + spans + 1.
-
-    The input length n - noise + spans + 1 grows by 0 or 1 with each extra raw token (noise and spans
-    each grow by at most 1, spans only when noise does), so the largest such n gives *exactly* seq_len.
+    """(n, targets_len): the raw window and the target length for encoder inputs of seq_len, as T5's
+    `random_spans_helper` gives them; the window shrinks only where the mask's own counts (at least one span)
+    would overflow seq_len, and targets_len is never below the real target length (module docstring).
     512 -> (568, 114); 128 -> (141, 29); 256 -> (284, 58); 1024 -> (1137, 229).
     """
-
-    def inputs_len(n: int) -> int:
-        noise, spans = span_counts(n, noise_density, mean_span)
-        return n - noise + spans + 1
-
     if seq_len < 3:
         raise UserError(f"data.seq_len must be >= 3 for span corruption, got {seq_len}")
-    lo, hi = 2, 2  # inputs_len(2) = 3 <= seq_len; grow hi until it overshoots, then bisect
-    while inputs_len(hi) <= seq_len:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if inputs_len(mid) <= seq_len else (lo, mid)
-    n = lo
+    n, targets_len = random_spans_helper(seq_len, noise_density, mean_span)
     noise, spans = span_counts(n, noise_density, mean_span)
-    assert inputs_len(n) == seq_len, (seq_len, n)
+    while n > 2 and n - noise + spans + 1 > seq_len:  # only where round(noise / mean_span) is 0 (one span is made)
+        n -= 1
+        noise, spans = span_counts(n, noise_density, mean_span)
     if n - noise < spans:
         raise UserError(
             f"noise_density {noise_density} with mean_span {mean_span} leaves {n - noise} non-noise tokens for "
@@ -98,7 +116,7 @@ def span_lengths(seq_len: int, noise_density: float = 0.15, mean_span: float = 3
             f"data.seq_len {seq_len} needs {spans} noise spans but the tokenizer has {N_SENTINELS} sentinels; "
             "lower data.seq_len or raise objective.mean_span"
         )
-    return n, noise + spans + 1
+    return n, max(targets_len, noise + spans + 1)
 
 
 def random_compositions(batch_size: int, total: int, parts: int, gen: torch.Generator) -> torch.Tensor:
@@ -190,9 +208,9 @@ class SpanCorruption(Objective):
         return frozenset({vocab.sentinel(k) for k in range(N_SENTINELS)} | {vocab.eos})
 
     def batch(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, batch_size: int, seq_len: int) -> Batch:
-        """batch_size raw windows of n tokens, corrupted: input_ids (B, seq_len), labels and
-        decoder_input_ids (B, noise + spans + 1); no padding anywhere."""
-        n, tgt_len = self.lengths(seq_len)
+        """batch_size raw windows of n tokens, corrupted: input_ids (B, n - noise + spans + 1) (seq_len, or one
+        less under T5's 50% rule), labels and decoder_input_ids (B, noise + spans + 1); no padding anywhere."""
+        n, _ = self.lengths(seq_len)
         num_noise, num_spans = span_counts(n, self.noise_density, self.mean_span)
         B = batch_size
         w = stream_windows(split, B, n, gen)  # (B, n)
@@ -206,9 +224,9 @@ class SpanCorruption(Objective):
         inp = torch.where(noise, sentinel, w).masked_select(~noise | first).view(B, n - num_noise + num_spans)
         tgt = torch.where(noise, w, sentinel).masked_select(noise | first).view(B, num_noise + num_spans)
         eos = w.new_full((B, 1), vocab.eos)
-        input_ids = torch.cat([inp, eos], dim=1)  # (B, seq_len)
-        labels = torch.cat([tgt, eos], dim=1)  # (B, tgt_len)
-        assert input_ids.shape == (B, seq_len) and labels.shape == (B, tgt_len)
+        input_ids = torch.cat([inp, eos], dim=1)  # (B, n - noise + spans + 1): seq_len but for T5's 50% rule
+        labels = torch.cat([tgt, eos], dim=1)  # (B, noise + spans + 1) <= the helper's targets length
+        assert input_ids.size(1) <= seq_len
         return {
             "input_ids": input_ids,
             "labels": labels,

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from pretrain import cli_bench, cli_decode, cli_runs
+from pretrain import cli_bench, cli_compare, cli_decode, cli_runs
 from pretrain.cli_common import (
     DataOpt,
     OutOpt,
@@ -254,6 +254,8 @@ app.command("runs")(_friendly(cli_runs.runs))
 app.command("report")(_friendly(cli_runs.report))
 app.command("generate")(_friendly(cli_decode.generate))
 app.command("fill-mask")(_friendly(cli_decode.fill_mask))
+app.command("probe")(_friendly(cli_compare.probe))
+app.command("compare")(_friendly(cli_compare.compare))
 app.add_typer(cli_bench.bench_app, name="bench")
 
 

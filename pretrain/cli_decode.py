@@ -10,6 +10,9 @@ import typer
 from pretrain.cli_common import console, err_console
 from pretrain.errors import UserError
 
+ModeOpt = Annotated[str | None, typer.Option("--mode", help="A mode token the run was trained with (UL2's [NLU], "
+                                             "[NLG], [S2S]), put first in the prompt as in training.")]
+
 
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pretrain run` (decoder or "
@@ -34,13 +37,14 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoded together.")] = 16,
     min_new_tokens: Annotated[int, typer.Option("--min-new-tokens", help="No </s> before this many new tokens "
                                                 "(keeps beam search from ending at once on a weak model).")] = 0,
+    mode: ModeOpt = None,
 ) -> None:
     """Write text with a trained model: greedy by default, sampling, or beam search; KV-cached."""
     import random
 
     import torch
 
-    from pretrain.generate import DecodeOptions, encode_prompts, load_run, show_batched, show_stream
+    from pretrain.generate import DecodeOptions, encode_prompts, load_run, mode_note, show_batched, show_stream
 
     if (prompt is None) == (prompts is None):
         raise UserError("give exactly one of --prompt TEXT or --prompts FILE")
@@ -51,13 +55,13 @@ def generate(
         raise UserError(f"{prompts} holds no prompt; write one per line")
     opts = DecodeOptions(max_new_tokens, beam, length_penalty, sample, temperature, top_k, top_p, seed, min_new_tokens,
                          batch_size)
-    r = load_run(run_dir)
+    r = load_run(run_dir, mode=mode)
     encode_prompts(r, texts)  # refuse a bad run or prompt before printing anything
     gen = None
     if opts.sampling:
         seed = seed if seed is not None else random.randrange(2**31)
         gen = torch.Generator().manual_seed(seed)
-    notes: list[str] = []
+    notes: list[str] = [n] if (n := mode_note(r, mode)) else []
     if len(texts) == 1 and opts.beam == 1:  # stream the one prompt's tokens as they come
         show_stream(console, r, texts[0], opts, gen, notes)
     else:
@@ -72,17 +76,20 @@ def fill_mask(
     run_dir: Annotated[Path, typer.Argument(help="A masked-LM run folder written by `pretrain run`.")],
     text: Annotated[str, typer.Argument(help="Text with one or more [MASK] to predict.")],
     top_k: Annotated[int, typer.Option("--top-k", help="Candidates shown per mask.")] = 5,
+    mode: ModeOpt = None,
 ) -> None:
     """Predict each [MASK] of a text with a masked-LM run: a table of the top-k candidates."""
     from rich.table import Table
     from rich.text import Text
 
     from pretrain.generate import fill_mask as predict
-    from pretrain.generate import load_run, top1_text
+    from pretrain.generate import load_run, mode_note, top1_text
 
     if "[MASK]" not in text:
         raise UserError("the text has no [MASK]; write [MASK] where a token should be predicted")
-    r = load_run(run_dir)
+    r = load_run(run_dir, mode=mode)
+    if note := mode_note(r, mode):
+        err_console.print(f"note: {note}", markup=False)
     cands = predict(r, text, top_k)
     t = Table(title=Text(f"fill-mask with {run_dir}"), title_justify="left")
     for c, justify in (("mask", "right"), ("rank", "right"), ("piece", "left"), ("probability", "right")):

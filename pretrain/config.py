@@ -2,7 +2,8 @@
 
 Precedence is fixed: defaults < recipe (recipes/NAME.toml) < `--objective` and named flags < `--set a.b=v`.
 Every field has a default and a one-line meaning. An unknown key, a wrong type or an out-of-range value
-is a `UserError` naming the key and the valid choices. Derived values are computed, never written back.
+is a `UserError` naming the key and the valid choices (values are typed from the annotations by
+pretrain/typed.py). Derived values are computed, never written back.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from models.config import ModelConfig
@@ -20,6 +19,10 @@ from pretrain.budget import parse_duration
 from pretrain.errors import UserError
 from pretrain.recipes import read_recipe, suggest
 from pretrain.tokenizer import MIN_VOCAB_SIZE
+from pretrain.typed import build, build_objective, objective_class, to_table
+
+__all__ = ["Config", "DataConfig", "TrainConfig", "SECTIONS", "config_from_dict", "objective_class", "override",
+           "resolve"]
 
 if TYPE_CHECKING:
     from objectives.base import Objective
@@ -163,102 +166,10 @@ class Config:
 
     def to_dict(self) -> dict:
         """A JSON-able dict that `config_from_dict` turns back into an equal Config."""
-        obj = {
-            "name": self.objective.name,
-            **{f.name: getattr(self.objective, f.name) for f in fields(self.objective)},
-        }
-        out: dict[str, Any] = {"recipe": self.recipe, "objective": obj}
+        out: dict[str, Any] = {"recipe": self.recipe, "objective": to_table(self.objective)}
         for name in SECTIONS:
             out[name] = dataclasses.asdict(getattr(self, name))
         return json.loads(json.dumps(out))  # tuples -> lists, as in JSON/TOML
-
-
-# ---------------------------------------------------------------------------------------------- typing
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check (TOML/JSON values) or parse (strings from --set) `value` against the annotation `hint`."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        choices = list(typing.get_args(hint))
-        if value not in choices:
-            raise UserError(
-                f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}{suggest(str(value), choices)}"
-            )
-        return value
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v.strip().strip("'\"") for v in value.strip("()[] ").split(",") if v.strip()]
-        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):  # tuple[X, ...]: any length
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise UserError(f"{key} needs {len(args)} values (e.g. {key}=0.9,0.95), got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    if origin in (typing.Union, types.UnionType):
-        raise AssertionError(f"config field {key} must not be a union")
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-        elif isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"{key} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UserError(f"{key} must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise UserError(f"{key} must be a string, got {value!r}")
-    raise AssertionError(f"unsupported config annotation {hint!r} for {key}")
-
-
-def _build(cls: type, values: dict, section: str) -> Any:
-    """Construct dataclass `cls` from `values`, rejecting unknown keys and wrong types. `models/` validates
-    with ValueError (it imports nothing from here); that becomes the user's one-line error."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls) if f.init]
-    for key in values:
-        if key not in names:
-            raise UserError(
-                f"unknown key '{section}.{key}'{suggest(key, names)}; valid keys: {', '.join(names)}"
-            )
-    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
-    if cls is not ModelConfig:
-        return cls(**kwargs)
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def objective_class(name: str) -> type[Objective]:
-    """The registered objective class called `name`; a UserError listing the choices otherwise."""
-    from objectives import OBJECTIVES as registry
-
-    if name not in registry:
-        choices = sorted(registry)
-        raise UserError(
-            f"unknown objective '{name}'{suggest(name, choices)}; choose one of: {', '.join(choices)}"
-        )
-    return registry[name]
 
 
 def config_from_dict(raw: dict, recipe: str = "") -> Config:
@@ -274,12 +185,8 @@ def config_from_dict(raw: dict, recipe: str = "") -> Config:
             )
         if not isinstance(raw[key], dict):
             raise UserError(f"'{key}' must be a table of keys (e.g. [{key}] in TOML), got {raw[key]!r}")
-    from objectives import DEFAULT_OBJECTIVE
-
-    obj_raw = dict(raw.get("objective", {}))
-    name = obj_raw.pop("name", DEFAULT_OBJECTIVE)
-    objective = _build(objective_class(name), obj_raw, "objective")
-    sections = {s: _build(cls, raw.get(s, {}), s) for s, cls in SECTIONS.items()}
+    objective = build_objective(raw.get("objective", {}))
+    sections = {s: build(cls, raw.get(s, {}), s) for s, cls in SECTIONS.items()}
     return Config(objective=objective, recipe=recipe, **sections)
 
 
@@ -336,8 +243,8 @@ def resolve(
             _set_dotted(raw, key, value)
             sources[key] = "flag"
     for item in sets:
-        key, value = _split_set(item)
-        _set_dotted(raw, key, value)  # text: _coerce types it from the field's annotation
+        key, value = split_set(item)
+        _set_dotted(raw, key, value)  # text: pretrain/typed.py types it from the field's annotation
         sources[key] = "--set"
     cfg = config_from_dict(raw, recipe=recipe or "")
     flat = _flatten(cfg.to_dict())
@@ -345,7 +252,7 @@ def resolve(
     return cfg, report
 
 
-def _split_set(item: str) -> tuple[str, str]:
+def split_set(item: str) -> tuple[str, str]:
     """'section.key=value' -> ('section.key', 'value')."""
     if "=" not in item:
         raise UserError(f"--set '{item}' must look like section.key=value (e.g. --set train.lr=3e-4)")
@@ -357,7 +264,7 @@ def override(cfg: Config, sets: list[str], sections: tuple[str, ...] = ("data", 
     """A run's `cfg` with `--set section.key=value` overrides applied in order, typed as in `resolve`; only keys of
     `sections` may change (the run's model and objective are fixed)."""
     raw = cfg.to_dict()
-    for key, value in map(_split_set, sets):
+    for key, value in map(split_set, sets):
         if key.split(".")[0] not in sections:
             raise UserError(f"--set {key}: only {', '.join(s + '.*' for s in sections)} keys can change here "
                             "(the model and objective are the run's own)")

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from objectives.base import IGNORE_INDEX, make_generator
 from pretrain.metrics import Meter
+from pretrain.parallel import all_keys
 
 if TYPE_CHECKING:
     from pretrain.config import Config
@@ -42,8 +43,8 @@ def evaluate(model: torch.nn.Module, cfg: Config, split: TokenSplit, vocab: Voca
         with rt.autocast():
             meter.add(obj.loss(model, b))
     model.train(was_training)
-    keys = list(meter.sums)
-    sums = torch.tensor([meter.sums[k] for k in keys] + [meter.counts[k] for k in keys] + [n_bytes],
+    keys = all_keys(list(meter.sums), rt)  # the same names on every rank, even where a term was not reported
+    sums = torch.tensor([meter.sums.get(k, 0.0) for k in keys] + [meter.counts.get(k, 0.0) for k in keys] + [n_bytes],
                         dtype=torch.float64, device=rt.device)
     if rt.world > 1:
         dist.all_reduce(sums)

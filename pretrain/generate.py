@@ -48,14 +48,35 @@ class Run:
         return self.model.arch.kind
 
 
-def load_run(run_dir: Path, device: str | None = None) -> Run:
+def load_run(run_dir: Path, device: str | None = None, mode: str | None = None) -> Run:
     """Load a run folder's config, tokenizer and newest checkpoint (`pretrain.run.load`); UserError when any
-    is missing."""
+    is missing. `mode`: one of the objective's mode tokens (UL2's `[S2S]`), put first as in training."""
     from pretrain.run import load
 
     cfg, tokenizer, model, _ = load(run_dir, device)
-    return Run(Path(run_dir), cfg, model, tokenizer, cfg.objective.framing(tokenizer.vocab),
+    return Run(Path(run_dir), cfg, model, tokenizer, framing_for(cfg.objective, tokenizer.vocab, mode, run_dir),
                next(model.parameters()).device)
+
+
+def framing_for(objective: Any, vocab: Any, mode: str | None, where: Any = "the run") -> Framing:
+    """The objective's framing, or in `mode` its mode's (the mode token first); UserError for a mode the run's
+    objective does not have."""
+    if mode is None:
+        return objective.framing(vocab)
+    if mode not in objective.modes:
+        have = f"its modes are {', '.join(objective.modes)}" if objective.modes else "it has none"
+        raise UserError(f"{where} was trained without the mode token {mode!r} ({have}); give one of its modes or "
+                        "leave --mode out")
+    return objective.mode_framing(vocab, mode)
+
+
+def mode_note(run: Run, mode: str | None) -> str | None:
+    """A note for a run trained with mode tokens when none was given (its prompts then start with none)."""
+    modes = run.cfg.objective.modes
+    if mode is None and modes:
+        return (f"{run.path} was trained with the mode tokens {', '.join(modes)}; --mode MODE puts one first, as "
+                "in training")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ prompts

@@ -173,10 +173,11 @@ class TrainLog:
 
     def _means(self) -> dict[str, float]:
         """The interval's mean of every term over all ranks (every rank calls this at the same steps)."""
-        from pretrain.parallel import all_sum
+        from pretrain.parallel import all_keys, all_sum
 
-        keys = list(self.meter.sums)
-        totals = all_sum([self.meter.sums[k] for k in keys] + [self.meter.counts[k] for k in keys], self.rt)
+        m = self.meter
+        keys = all_keys(list(m.sums), self.rt)
+        totals = all_sum([m.sums.get(k, 0.0) for k in keys] + [m.counts.get(k, 0.0) for k in keys], self.rt)
         return {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
 
     def eval(self, state: TrainState, res: dict) -> None:

@@ -26,14 +26,20 @@ if TYPE_CHECKING:
     from pretrain.runtime import Engine, Runtime
 
 
-def mode_for(tcfg: TrainConfig, world: int) -> str:
-    """"single", "ddp" or "fsdp" for `train.parallel` on `world` ranks; UserError for fsdp without torchrun."""
+def mode_for(tcfg: TrainConfig, world: int, one_pass: bool = True) -> str:
+    """"single", "ddp" or "fsdp" for `train.parallel` on `world` ranks; UserError for fsdp without torchrun, and for
+    an objective whose loss makes several forward passes (`Objective.one_pass`), which ranks under FSDP must
+    agree on."""
     if world == 1:
         if tcfg.parallel == "fsdp":
             raise UserError("train.parallel = 'fsdp' shards the model over the processes of torchrun, but this is "
                             "one process; launch it with `torchrun --nproc_per_node N -m pretrain.cli run ...`, or "
                             "use train.parallel=auto to train in one process")
         return "single"
+    if tcfg.parallel == "fsdp" and not one_pass:
+        raise UserError("train.parallel = 'fsdp' gathers the sharded weights at every forward pass, and this objective "
+                        "makes one per mixture component in each micro-batch, a number the ranks do not share; use "
+                        "train.parallel=ddp")
     if tcfg.parallel == "fsdp" and tcfg.precision == "fp16":
         raise UserError("train.parallel = 'fsdp' trains in bf16 or fp32 (its mixed precision has no loss scaling); "
                         "use train.precision=bf16")
@@ -56,7 +62,9 @@ def wrap(engine: Engine, compile_model: bool) -> None:
     """The module the forward pass goes through: DDP's wrapper, or the (already sharded) model; compiled on
     request."""
     if engine.mode == "ddp":
-        engine.fwd = torch.nn.parallel.DistributedDataParallel(engine.model)
+        # No buffer broadcast: the model's one buffer (the sinusoid table) is a constant, and a broadcast at every
+        # forward pass is a collective that ranks making different numbers of passes (a mixture) could not match.
+        engine.fwd = torch.nn.parallel.DistributedDataParallel(engine.model, broadcast_buffers=False)
     if compile_model:
         engine.fwd = torch.compile(engine.fwd)
 
@@ -75,6 +83,17 @@ def clip(engine: Engine, max_norm: float) -> torch.Tensor:
     over every shard."""
     norm = torch.nn.utils.clip_grad_norm_(engine.model.parameters(), max_norm)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor of the global norm
+
+
+def all_keys(keys: list[str], rt: Runtime) -> list[str]:
+    """Every rank's metric names, the same list on all of them (itself on one process): a term a rank did not
+    report (a mixture's component absent from its batches) is then summed as zero there, and every rank reduces
+    tensors of one length."""
+    if rt.world == 1:
+        return keys
+    names: list = [None] * rt.world
+    dist.all_gather_object(names, sorted(keys))
+    return sorted(set().union(*names))
 
 
 def all_sum(values: list[float], rt: Runtime) -> list[float]:

@@ -24,7 +24,7 @@ from pretrain.runlist import GENERIC, RunInfo, format_count, read_run
 PLOTS = {"loss.png": "training and validation loss", "lr.png": "learning rate",
          "throughput.png": "throughput and MFU"}
 COLUMNS = ("run", "objective", "recipe", "state", "parameters", "steps", "tokens", "train time", "tokens/s", "MFU",
-           "valid loss", "bits/byte", "objective metrics", "valid from", "reference")
+           "valid loss", "bits/byte", "objective metrics", "valid from", "reference", "probe")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,29 @@ def row(info: RunInfo) -> dict[str, str]:
             "MFU": f"{100 * mfu:.3g}%" if isinstance(mfu, float) and math.isfinite(mfu) else "-",
             "valid loss": fmt(val["loss"]) if "loss" in val else "-",
             "bits/byte": fmt(val["bits_per_byte"]) if "bits_per_byte" in val else "-",
-            "objective metrics": _named(terms), "valid from": source, "reference": _named(s, "baseline_")}
+            "objective metrics": _named(terms), "valid from": source, "reference": _named(s, "baseline_"),
+            "probe": "; ".join(probe_text(task, res) for task, res in info.probes.items()) or "-"}
+
+
+def pm(figures: dict, key: str = "acc") -> str:
+    """'41.2% ± 1.3' from a probe's {acc, acc_std, seeds, ...} figures: the mean and standard deviation over its
+    seeds ('41.2%' for one seed, '-' when absent)."""
+    if key not in figures:
+        return "-"
+    if len(figures.get("seeds", ())) < 2:
+        return f"{100 * figures[key]:.1f}%"
+    return f"{100 * figures[key]:.1f}% ± {100 * figures.get(f'{key}_std', 0.0):.1f}"
+
+
+def probe_text(task: str, res: dict) -> str:
+    """One probe result in a cell: accuracy of the linear probe and of fine-tuning (mean ± std over seeds), the
+    random-init control's fine-tuning and the majority class."""
+    run, ctrl = res.get("run", {}), res.get("random_init", {})
+    parts = [f"{task}: linear {pm(run.get('linear', {}))}, fine-tuned {pm(run.get('finetune', {}))}"]
+    if ctrl:
+        parts.append(f"random init {pm(ctrl.get('finetune', {}))}")
+    parts.append(f"majority {100 * res.get('majority', {}).get('acc', math.nan):.1f}%")
+    return ", ".join(parts)
 
 
 def _curves(infos: list[RunInfo], key, records) -> list[Curve]:
@@ -120,21 +142,31 @@ def _eval_rows(infos: list[RunInfo]) -> list[dict[str, str]]:
             for info in infos for name, res in info.evals.items()]
 
 
-def markdown(rows: list[dict[str, str]], evals: list[dict[str, str]], plots: list[Path]) -> str:
-    """The report as Markdown: the runs' table, the evaluations, then the plots."""
+Section = tuple[str, list[dict[str, str]], str]
+"""A table put before the runs' table: (title, rows, a note under it)."""
+
+
+def markdown(rows: list[dict[str, str]], evals: list[dict[str, str]], plots: list[Path],
+             sections: tuple[Section, ...] = ()) -> str:
+    """The report as Markdown: the extra sections (`pretrain compare`'s table), the runs' table, the evaluations,
+    then the plots."""
     def table(rs: list[dict[str, str]]) -> list[str]:
         cols = list(rs[0])
         esc = [[v.replace("|", "\\|") for v in r.values()] for r in rs]
         return [f"| {' | '.join(cols)} |", f"|{'---|' * len(cols)}", *(f"| {' | '.join(r)} |" for r in esc), ""]
 
-    lines = ["# pretrain report", "", *table(rows)]
+    lines = ["# pretrain report", ""]
+    for title, rs, note in sections:
+        lines += [f"## {title}", "", *table(rs), *([note, ""] if note else [])]
+    lines += [*(["## Runs", ""] if sections else []), *table(rows)]
     if evals:
         lines += ["## Evaluations (`pretrain eval`)", "", *table(evals)]
     lines += [f"![{PLOTS[p.name]}]({p.name})\n" for p in plots]
     return "\n".join(lines)
 
 
-def to_html(rows: list[dict[str, str]], evals: list[dict[str, str]], plots: list[Path]) -> str:
+def to_html(rows: list[dict[str, str]], evals: list[dict[str, str]], plots: list[Path],
+            sections: tuple[Section, ...] = ()) -> str:
     """The report as one HTML page: the same tables, the plots as images beside the file."""
     def table(rs: list[dict[str, str]]) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in rs[0])
@@ -145,7 +177,10 @@ def to_html(rows: list[dict[str, str]], evals: list[dict[str, str]], plots: list
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} td:first-child{text-align:left} "
              "img{display:block;max-width:100%;margin:1em 0}")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>pretrain report</title><style>{style}"
-             "</style></head><body><h1>pretrain report</h1>", table(rows)]
+             "</style></head><body><h1>pretrain report</h1>"]
+    for title, rs, note in sections:
+        parts += [f"<h2>{html.escape(title)}</h2>", table(rs)] + ([f"<p>{html.escape(note)}</p>"] if note else [])
+    parts += (["<h2>Runs</h2>"] if sections else []) + [table(rows)]
     if evals:
         parts += ["<h2>Evaluations (<code>pretrain eval</code>)</h2>", table(evals)]
     parts += [f"<h2>{html.escape(PLOTS[p.name])}</h2><img src='{html.escape(p.name)}' "
@@ -153,8 +188,9 @@ def to_html(rows: list[dict[str, str]], evals: list[dict[str, str]], plots: list
     return "\n".join(parts + ["</body></html>"])
 
 
-def write_report(run_dirs: list[Path], out: Path) -> Report:
-    """Read the runs, draw the plots and write report.md and report.html into `out` (created)."""
+def write_report(run_dirs: list[Path], out: Path, sections: tuple[Section, ...] = ()) -> Report:
+    """Read the runs, draw the plots and write report.md and report.html into `out` (created); `sections` are
+    tables put first (`pretrain compare`'s comparison)."""
     from pretrain.run import load_config
 
     if not run_dirs:
@@ -167,6 +203,6 @@ def write_report(run_dirs: list[Path], out: Path) -> Report:
     plots = plot_runs(infos, mains, out)
     rows, evals = [row(info) for info in infos], _eval_rows(infos)
     md, page = out / "report.md", out / "report.html"
-    md.write_text(markdown(rows, evals, plots))
-    page.write_text(to_html(rows, evals, plots))
+    md.write_text(markdown(rows, evals, plots, sections))
+    page.write_text(to_html(rows, evals, plots, sections))
     return Report(page, md, plots, rows)

@@ -9,6 +9,7 @@ pieces, then restores the optimizer too).
     RUN/metrics.jsonl               one JSON object per log step and per evaluation
     RUN/summary.json                what the run printed at its end
     RUN/eval.json                   written by `pretrain eval` (RUN/eval-NAME.json: on other data)
+    RUN/probe-TASK.json             written by `pretrain probe` (pretrain/probe.py)
     RUN/tensorboard/                TensorBoard event files (train.report_to), against steps/ and tokens/
     RUN/.running                    while a session trains: its pid and host (pretrain/runlist.py reads it)
     RUN/checkpoints/step_NNNNNNN/   safetensors weights + JSON state (pretrain/checkpoint.py)
@@ -74,6 +75,10 @@ class RunDir:
         """Where `pretrain eval` writes its results on other data than the run's own."""
         return self.path / f"eval-{data_name}.json"
 
+    def probe_for(self, task: str) -> Path:
+        """Where `pretrain probe` writes its results on a task."""
+        return self.path / f"probe-{task}.json"
+
     @property
     def tensorboard(self) -> Path:
         return self.path / "tensorboard"
@@ -89,7 +94,7 @@ class RunDir:
 
     def ours(self, name: str) -> bool:
         """Whether a top-level entry of the folder is one a run writes (so a restart may remove it)."""
-        return name in OURS or name.startswith(("eval", ".")) and name.endswith((".json", ".tmp"))
+        return name in OURS or name.startswith(("eval", "probe-", ".")) and name.endswith((".json", ".tmp"))
 
 
 OURS = {"config.json", "tokenizer.model", "data.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard",

@@ -186,6 +186,11 @@ class RunInfo:
         return {p.name: _read_json(p) for p in paths if p.is_file()}
 
     @cached_property
+    def probes(self) -> dict[str, dict]:
+        """Every `pretrain probe` result in the folder: task -> results."""
+        return {p.stem[len("probe-"):]: _read_json(p) for p in sorted(self.run.path.glob(self.run.probe_for("*").name))}
+
+    @cached_property
     def state(self) -> str:
         """running, finished, stopped or crashed (see the module docstring)."""
         lock = _read_json(self.run.running) if self.run.running.exists() else None

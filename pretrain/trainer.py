@@ -93,7 +93,7 @@ def train(cfg: Config, run_dir: Path, start: Start | None = None, console: Conso
     console = console or Console()
     rt = setup_runtime(cfg.train)
     run, plan = runs.RunDir(run_dir), BatchPlan.of(cfg, rt.world)
-    mode = parallel.mode_for(cfg.train, rt.world)
+    mode = parallel.mode_for(cfg.train, rt.world, cfg.objective.one_pass)
     if resume:
         runs.check_resume(run, cfg, _horizon(cfg, plan))
     elif note := runs.check_new(run):  # every rank checks, so that all of them stop together

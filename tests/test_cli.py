@@ -32,13 +32,14 @@ def run(args, cache):
 
 
 def test_help_does_not_import_torch():
-    heavy = "('torch', 'datasets', 'sentencepiece')"
+    heavy = "('torch', 'datasets', 'sentencepiece', 'transformers', 'matplotlib')"
     code = f"import sys, pretrain.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
-    for cmd in ("run", "eval", "prepare", "tokenizer", "objectives", "recipes", "bench", "generate", "fill-mask"):
+    for cmd in ("run", "eval", "prepare", "tokenizer", "objectives", "recipes", "bench", "generate", "fill-mask",
+                "probe", "compare"):
         assert cmd in res.output
 
 

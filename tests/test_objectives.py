@@ -20,6 +20,10 @@ from typer.testing import CliRunner
 from models.config import Arch, ModelConfig
 from objectives import OBJECTIVES
 from objectives.base import IGNORE_INDEX, Objective, make_generator
+from objectives.clm import CausalLM
+from objectives.mixture import Component
+from objectives.mlm import MaskedLM
+from objectives.span import PrefixLM, SpanCorruption
 from pretrain.config import Config, DataConfig, TrainConfig, objective_class
 from pretrain.data import TokenSplit
 from pretrain.metrics import Meter
@@ -51,8 +55,15 @@ CASES = [(name, {}) for name in OBJECTIVES] + [
     ("mlm", {"whole_word": True, "selection": "bernoulli"}),
     ("denoise", {"delete_ratio": 0.1, "token_mask_ratio": 0.1, "insert_ratio": 0.1, "rotate_ratio": 0.5}),
     ("reverse", {}),
+    # mixtures beside the default (UL2's): each component a loss term of its own; a decoder-only one whose mode
+    # token shifts the causal window; BERT pairs, whose NSP terms stay the components' own
+    ("mixture", {"weighting": "components", "components": (
+        Component(SpanCorruption(0.5, 3.0), 1.0, "[NLG]", "x"), Component(PrefixLM(), 1.0, "[S2S]", "s"))}),
+    ("mixture", {"components": (Component(CausalLM()), Component(CausalLM(), 0.5, "[LM]"))}),
+    ("mixture", {"components": (Component(MaskedLM()), Component(MaskedLM(mask_prob=0.3), 1.0, "[M30]", "m30"))}),
 ]
-IDS = [name + "".join(f"-{k}" for k in kw) for name, kw in CASES]
+IDS = [name + "".join(f"-{k}" for k in kw) + (f"-{i}" if name == "mixture" else "") for i, (name, kw) in
+       enumerate(CASES)]
 V, SEQ, B = 400, 32, 8
 TINY = ModelConfig(n_layers=2, n_heads=2, d_model=32, d_ff=64, max_len=64, rel_buckets=8, rel_max_distance=16)
 
@@ -166,8 +177,9 @@ def test_framing_matches_the_training_batches(obj, split):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Tokenizer:
-    """A real tokenizer holding every case's extra pieces (the toy's [REV])."""
-    extra = tuple(dict.fromkeys(p for cls in [*OBJECTIVES.values(), ReverseWindow] for p in cls.special_pieces))
+    """A real tokenizer holding every case's extra pieces (the toy's [REV], the mixtures' mode tokens)."""
+    objs = [ReverseWindow(), *(OBJECTIVES[name](**kw) for name, kw in CASES if name in OBJECTIVES)]
+    extra = tuple(dict.fromkeys(p for obj in objs for p in obj.special_pieces))
     rng = random.Random(0)
     words = "the model reads text and learns to write what comes next in a sentence".split()
     texts = [" ".join(rng.choice(words) for _ in range(12)).capitalize() + "." for _ in range(300)]

@@ -86,6 +86,68 @@ def test_length_accounting_matches_t5():
     assert SpanCorruption().positions_needed(512) == 512
 
 
+def _t5_random_spans_helper(inputs_length, noise_density, mean_noise_span_length):
+    """google-research/text-to-text-transfer-transformer `t5/data/preprocessors.py` `random_spans_helper` with
+    extra_tokens_per_span_inputs = extra_tokens_per_span_targets = 1, as T5 writes it (no logging)."""
+    def _tokens_length_to_inputs_length_targets_length(tokens_length):
+        num_noise_tokens = int(round(tokens_length * noise_density))
+        num_nonnoise_tokens = tokens_length - num_noise_tokens
+        num_noise_spans = int(round(num_noise_tokens / mean_noise_span_length))
+        return num_nonnoise_tokens + num_noise_spans + 1, num_noise_tokens + num_noise_spans + 1
+
+    tokens_length = inputs_length - 1
+    while _tokens_length_to_inputs_length_targets_length(tokens_length + 1)[0] <= inputs_length:
+        tokens_length += 1
+    inputs_length, targets_length = _tokens_length_to_inputs_length_targets_length(tokens_length)
+    if noise_density == 0.5 and targets_length > inputs_length:
+        tokens_length -= 1
+        targets_length -= 1
+    return tokens_length, targets_length
+
+
+DENSITIES = [round(0.05 * i, 2) for i in range(1, 19)]  # 0.05 .. 0.9, 0.5 among them
+
+
+@pytest.mark.parametrize("mean_span", [1.0, 2.0, 3.0, 8.0, 64.0])
+def test_span_lengths_are_t5s_random_spans_helper_at_every_density(mean_span):
+    """Where T5's helper counts at least one span (the mask always makes one), span_lengths is the helper, its
+    special case at 50% included; where the helper's count rounds to 0 the window is the largest one whose
+    inputs, with the mask's one span, still fit. Real inputs never exceed seq_len, real targets never the
+    reported length."""
+    checked = hacked = 0
+    for d in DENSITIES:
+        for L in [16, 27, 31, 32, 64, 127, 128, 255, 256, 383, 384]:
+            try:
+                n, t = span_lengths(L, d, mean_span)
+            except UserError:  # more spans than sentinels, or too few non-noise tokens: refused, never truncated
+                continue
+            h_n, h_t = _t5_random_spans_helper(L, d, mean_span)
+            noise, spans = span_counts(n, d, mean_span)
+            assert n - noise + spans + 1 <= L and noise + spans + 1 <= t, (d, L)
+            if round(round(h_n * d) / mean_span) >= 1:
+                assert (n, t) == (h_n, h_t), (d, L, mean_span)
+                checked += 1
+                hacked += d == 0.5 and n - noise + spans + 1 < L
+            else:
+                assert n < h_n and _inputs_len(n + 1, d, mean_span) > L, (d, L)
+    assert checked >= 40 and (mean_span != 3 or hacked > 0), (checked, hacked)
+
+
+def test_t5_special_case_at_half_density():
+    """At 50% the helper drops one raw token when the targets would outgrow the inputs: 27 inputs -> 39 raw tokens
+    would give 27 inputs but 28 targets, so T5 takes 38 raw tokens (26 inputs, 26 targets) and reports targets
+    of 27; the batch then has 26 inputs (T5 pads them to 27) and round-trips."""
+    assert span_lengths(27, 0.5, 3.0) == (38, 27) == _t5_random_spans_helper(27, 0.5, 3.0)
+    assert span_lengths(128, 0.5, 3.0) == (190, 128)  # UL2's X-denoiser (mean 3, 50%) at 128 inputs
+    assert span_lengths(128, 0.15, 64.0) == (148, 24)  # one span of 22 tokens: the helper's 149 would need 129
+    pos = TokenSplit.from_documents([[list(range(N_SPECIAL, N_SPECIAL + 5000))]])
+    b = SpanCorruption(noise_density=0.5).batch(pos, Vocab.synthetic(N_SPECIAL + 5000), make_generator(0), 4, 27)
+    assert b["input_ids"].shape == (4, 26) and b["labels"].shape == (4, 26)
+    for r in range(4):
+        window, mask = _unpack(b["input_ids"][r].tolist(), b["labels"][r].tolist())
+        assert window == list(range(window[0], window[0] + 38)) and sum(mask) == 19
+
+
 def test_validation_errors(splits):
     with pytest.raises(UserError):
         SpanCorruption(noise_density=0.0)
