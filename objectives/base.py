@@ -84,6 +84,9 @@ class Objective(abc.ABC):
     """True when `loss` runs the model once per batch. A mixture runs it once per component present, a number that
     differs between ranks; train.parallel = "fsdp", which gathers the sharded weights at every pass, refuses it.
     May be a property."""
+    packs_examples: ClassVar[bool] = False
+    """True when a row holds several examples, so a per-example field is (B, E) rather than (B,) (BERT's packed
+    NSP pairs). A mixture merges its components' rows field by field and needs them to agree. May be a property."""
     scores_whole_text: ClassVar[bool] = False
     """True when the main loss term predicts every token of the text, in order (a causal LM): its bits per byte
     is then the text's compression rate, comparable with any such run whatever its tokenizer, and `pretrain

@@ -150,10 +150,10 @@ class Mixture(Objective):
                     f"mixture components need one arrangement, but {self.labels[0]} ({comps[0].objective.name}) is "
                     f"{_arch_text(comps[0].objective.arch)} and {label} ({c.objective.name}) is "
                     f"{_arch_text(c.objective.arch)}; mix objectives of one arrangement")
-        for c, label in zip(comps, self.labels, strict=True):
-            if getattr(c.objective, "pack", False):
-                raise UserError(f"mixture component {label} packs several examples into a row (pack = true), which a "
-                                "mixture's rows cannot hold; leave pack off in the mixture")
+        packed = [label for c, label in zip(comps, self.labels, strict=True) if c.objective.packs_examples]
+        if packed and len(packed) < len(comps):
+            raise UserError(f"mixture components {', '.join(packed)} pack several examples into a row and the others "
+                            "do not, so their per-example fields differ in shape; pack all of them or leave pack off")
         if len(set(self.labels)) != len(comps):
             raise UserError(f"mixture component labels repeat ({', '.join(self.labels)}); give each a label of its own")
         mains = {next(iter(c.objective.loss_terms.values())) for c in comps}
@@ -187,6 +187,11 @@ class Mixture(Objective):
             for term, fld in items[1:] if self.weighting == "tokens" else items:
                 out[f"{label}_{term}"] = f"{OWN}{label}_{fld}"
         return out
+
+    @property
+    def packs_examples(self) -> bool:
+        """Its components all pack or none do (__post_init__); it packs when they do."""
+        return self.components[0].objective.packs_examples
 
     @property
     def one_pass(self) -> bool:

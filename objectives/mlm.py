@@ -125,6 +125,11 @@ class MaskedLM(Objective):
             terms["nsp_loss"] = "next_sentence_label"
         return terms
 
+    @property
+    def packs_examples(self) -> bool:
+        """Packed NSP pairs: next_sentence_label is (B, E), one per pair of a row."""
+        return self.pack
+
     def framing(self, vocab: Vocab) -> Framing:
         """`[CLS] text [SEP]` with NSP (segment A alone), `<s> text </s>` for RoBERTa packing."""
         return Framing((vocab.cls,), (vocab.sep,)) if self.nsp else Framing((vocab.bos,), (vocab.eos,))

@@ -70,7 +70,9 @@ def _show_probe(run_dir: Path, res: dict) -> None:
     console.print(table(f"probe of {run_dir} on {res['task']} ({res['n_train']} train / {res['n_test']} test, "
                         f"{len(res['classes'])} classes; mean ± std over {len(res['run']['linear']['seeds'])} seeds)",
                         rows, ("model", "accuracy", "macro-F1")))
-    console.print(f"wrote {Path(run_dir) / ('probe-' + res['task'] + '.json')}", highlight=False, soft_wrap=True)
+    from pretrain.run import RunDir
+
+    console.print(f"wrote {RunDir(run_dir).probe_for(res['task'])}", highlight=False, soft_wrap=True)
 
 
 def compare(

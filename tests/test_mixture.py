@@ -204,6 +204,10 @@ def test_config_round_trips_and_names_bad_components():
             config_from_dict({"objective": {"name": "mixture", "components": comps}})
     with pytest.raises(UserError, match="recipe file"):
         resolve(objective="mixture", sets=["objective.components=span,prefix"])
+    packed = config_from_dict({"objective": {"name": "mixture", "components": [
+        {"name": "mlm", "pack": True}, {"name": "mlm", "label": "b", "pack": True, "mask_prob": 0.3}]}})
+    assert packed.objective.packs_examples and all(c.objective.packs_examples
+                                                             for c in packed.objective.components)
 
 
 # ---------------------------------------------------------------------------------------------- through the CLI
