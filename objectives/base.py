@@ -172,8 +172,9 @@ def ce_terms(logits: torch.Tensor, labels: torch.Tensor, name: str, label_smooth
     keep = labels != IGNORE_INDEX
     n = keep.sum()
     loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing)
-    with torch.no_grad():
-        correct = ((logits.argmax(-1) == labels) & keep).sum()
+    with torch.no_grad():  # the label's logit is the top one (a tie counts, as in `lm_terms`)
+        hit = logits.gather(1, labels.clamp(min=0)[:, None])[:, 0] >= logits.amax(-1)
+        correct = (hit & keep).sum()
     out: Terms = {f"{name}_loss": (loss, n), f"{name}_acc": (correct, n)}
     if label_smoothing > 0:
         with torch.no_grad():
@@ -235,20 +236,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z = F.linear(x, w, b).float()  # (n, V)
             keep = y != IGNORE_INDEX
             yk = y.clamp(min=0)[:, None]
-            top, arg = z.max(-1)
-            z -= top[:, None]
-            target, mean = z.gather(1, yk)[:, 0], z.mean(-1) if smoothing else 0.0
-            g = z.exp_()  # (n, V), in place of the logits
-            total = g.sum(-1)
-            lse = total.log()  # (n,) log-sum-exp of the shifted logits
-            nll = (lse - target).masked_fill_(~keep, 0)
-            loss = nll * (1 - smoothing) + (lse - mean).masked_fill_(~keep, 0) * smoothing if smoothing else nll
-            sums += torch.stack([loss.sum(), nll.sum(), ((arg == y) & keep).sum()]).double()
-            g /= total[:, None]  # the softmax
+            hit = z.gather(1, yk)[:, 0] >= z.amax(-1)  # the label's logit is the top one (a tie counts)
+            lp = torch.log_softmax(z, -1)  # one fused pass; max-with-indices and exp/sum/div apart cost 2x here
+            del z
+            nll = (-lp.gather(1, yk)[:, 0]).masked_fill_(~keep, 0)
+            loss = nll * (1 - smoothing) - lp.mean(-1).masked_fill_(~keep, 0) * smoothing if smoothing else nll
+            sums += torch.stack([loss.sum(), nll.sum(), (hit & keep).sum()]).double()
+            g = lp.exp_()  # the softmax, in place of the log-probabilities
             if smoothing:
                 g -= smoothing / V
             g.scatter_add_(1, yk, torch.full_like(g[:, :1], smoothing - 1.0))
-            g *= keep[:, None]  # an ignored row has no gradient
+            if g.device.type != "cpu":  # an ignored row has no gradient (no host sync on an accelerator)
+                g.mul_(keep[:, None])
+            elif not bool(keep.all()):
+                g.index_fill_(0, (~keep).nonzero()[:, 0], 0.0)
             if grad_b is not None:
                 grad_b += g.sum(0)
             g = g.to(dtype)
