@@ -303,3 +303,48 @@ def test_packed_examples_compute_what_each_computes_alone(kind, positions):
         start += n
     with pytest.raises(ValueError, match="example_ids"):
         make("encoder-decoder")(row, decoder_input_ids=row, example_ids=example)
+
+
+# ------------------------------------------------------------------------------------ explicit attention (CPU)
+def test_explicit_attention_is_sdpa_written_out():
+    """The CPU bf16 path computes what SDPA computes, for every mask the stacks build: causal, bool (padding,
+    packed), additive (relative bias), and fewer queries than keys (a cache)."""
+    import torch.nn.functional as F
+
+    from models.layers import explicit_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
+    bool_mask = torch.rand(2, 1, 7, 7, generator=g) > 0.3
+    bool_mask[..., 0] = True  # every query sees a key
+    bias = torch.randn(1, 3, 7, 7, generator=g)
+    for mask, causal in ((None, True), (None, False), (bool_mask, False), (bias, False)):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        assert (explicit_attention(q, k, v, mask, causal, 0.0) - want).abs().max() < 1e-5
+    tail = q[:, :, -2:]  # two new queries over seven cached keys, causal: they see all keys up to their own
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, -2:]
+    assert (explicit_attention(tail, k, v, None, True, 0.0) - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_cpu_attention_follows_the_fp32_model(kind, monkeypatch):
+    """Under bf16 autocast on CPU the model takes explicit_attention (short keys), and its logits
+    follow the fp32 model's within bf16 rounding; past EXPLICIT_KEYS it takes SDPA and agrees as well."""
+    import models.layers as layers
+
+    calls = []
+    real = layers.explicit_attention
+    monkeypatch.setattr(layers, "explicit_attention", lambda *a: calls.append(1) or real(*a))
+    x = ids(2, 12)
+    m = torch.ones_like(x)
+    m[1, 9:] = 0
+    kw = {"attention_mask": m} | ({"decoder_input_ids": x} if kind == "encoder-decoder" else {})
+    model = make(kind, positions="relative" if kind != "decoder" else "learned")
+    ref = logits(model, x, **kw)
+    for limit, used in ((256, True), (4, False)):
+        monkeypatch.setattr(layers, "EXPLICIT_KEYS", limit)
+        calls.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, **kw).logits.float()
+        assert bool(calls) == used
+        assert (out - ref).abs().max() < 0.05 * ref.abs().max()
