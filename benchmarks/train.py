@@ -74,9 +74,11 @@ def hf_inputs(batch: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tens
     return {k: v for k, v in batch.items() if k in keep}
 
 
-def timed_steps(cfg, ours, hf, batches: dict[str, list[dict]], rounds: int) -> dict[str, list[float]]:
+def timed_steps(cfg, ours, hf, batches: dict[str, list[dict]], rounds: int,
+                compile_model: bool = False) -> dict[str, list[float]]:
     """Seconds of each side's training step on its own batches (`batches["ours"]`, `batches["hf"]`), alternating
-    ours / HF for `rounds` rounds after one warm-up each."""
+    ours / HF for `rounds` rounds after one warm-up round (its seconds under "warmup"); `compile_model`:
+    ours runs through `torch.compile`, as `train.compile` does."""
     from pretrain.metrics import Meter
     from pretrain.optim import build_optimizer
     from pretrain.runtime import AMP_DTYPES, Engine, Runtime
@@ -84,7 +86,8 @@ def timed_steps(cfg, ours, hf, batches: dict[str, list[dict]], rounds: int) -> d
 
     cpu = torch.device("cpu")
     rt = Runtime(cpu, AMP_DTYPES[cfg.train.precision])
-    engine = Engine(rt, ours, ours, build_optimizer(ours, cfg.train, cpu), torch.amp.GradScaler("cpu", enabled=False))
+    fwd = torch.compile(ours) if compile_model else ours
+    engine = Engine(rt, ours, fwd, build_optimizer(ours, cfg.train, cpu), torch.amp.GradScaler("cpu", enabled=False))
     hf_opt = build_optimizer(hf, cfg.train, cpu)
     kind = cfg.objective.arch.kind
 
@@ -99,19 +102,19 @@ def timed_steps(cfg, ours, hf, batches: dict[str, list[dict]], rounds: int) -> d
         hf_opt.step()
         hf_opt.zero_grad(set_to_none=True)
 
-    out: dict[str, list[float]] = {"ours": [], "hf": []}
+    out: dict[str, list[float]] = {"ours": [], "hf": [], "warmup": []}
     for i in range(rounds + 1):
         order = (("ours", step_ours), ("hf", step_hf))
         for name, fn in order if i % 2 == 0 else order[::-1]:  # who goes first alternates too
             b = batches[name][i % len(batches[name])]
             t0 = time.perf_counter()
             fn(b)
-            if i:  # round 0 warms both up
-                out[name].append(time.perf_counter() - t0)
+            out[name if i else "warmup"].append(time.perf_counter() - t0)  # round 0 warms both up
     return out
 
 
-def bench_family(family: str, size: str, precision: str, rounds: int, cache_dir: str) -> dict[str, Any]:
+def bench_family(family: str, size: str, precision: str, rounds: int, cache_dir: str,
+                 compile_model: bool = False) -> dict[str, Any]:
     """One row of the benchmark: tokens/s of ours and HF, all positions and real tokens, ratio, MFU."""
     from pretrain.data import prepare
     from pretrain.export import max_abs_diff, probe
@@ -126,7 +129,7 @@ def bench_family(family: str, size: str, precision: str, rounds: int, cache_dir:
     ours, hf = build_pair(cfg, vocab)
     same = max(max_abs_diff(ours.eval(), hf.eval(), probe(cfg, vocab)).values())  # fp32 logits before training
     ours.train(), hf.train()
-    times = timed_steps(cfg, ours, hf, batches, rounds)
+    times = timed_steps(cfg, ours, hf, batches, rounds, compile_model)
     real = {side: statistics.mean(input_tokens(b) for b in bs) for side, bs in batches.items()}
     nominal = B * T
     t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
@@ -140,7 +143,8 @@ def bench_family(family: str, size: str, precision: str, rounds: int, cache_dir:
             "ours_real_share": real["ours"] / nominal, "hf_real_share": real["hf"] / nominal, "ratio": ratio,
             "real_ratio": real_ratio, "target": TARGETS[precision],
             "meets": min(ratio, real_ratio) >= TARGETS[precision], "mfu": mfu, "peak_flops": peak,
-            "rounds": rounds, "same_model_max_abs_diff": same}
+            "rounds": rounds, "same_model_max_abs_diff": same, "compiled": compile_model,
+            "ours_first_step_s": times["warmup"][0]}  # round 0 runs ours first
 
 
 def unpacked(objective):
@@ -159,8 +163,10 @@ def print_rows(rows: list[dict], console: Any) -> None:
     console.print(table(
         f"training step beside transformers, {torch.get_num_threads()} thread(s), medians of alternating steps; "
         "tokens/s (real tokens)",
-        [(f"{r['family']} {r['size']} {r['precision']}", f"{r['ours_tokens_per_s']:,.0f} "
+        [(f"{r['family']} {r['size']} {r['precision']}{' compiled' if r['compiled'] else ''}",
+          f"{r['ours_tokens_per_s']:,.0f} "
           f"({r['ours_real_tokens_per_s']:,.0f})", f"{r['hf_tokens_per_s']:,.0f} ({r['hf_real_tokens_per_s']:,.0f})",
           f"{r['ratio']:.2f}x ({r['real_ratio']:.2f}x)", f"{'yes' if r['meets'] else 'NO'} (>= {r['target']:g}x)",
-          f"{r['ours_real_share']:.0%} / {r['hf_real_share']:.0%}", f"{r['mfu']:.1%}") for r in rows],
-        ("family", "ours", "transformers", "ratio", "meets", "real ours/HF", "MFU")))
+          f"{r['ours_real_share']:.0%} / {r['hf_real_share']:.0%}", f"{r['mfu']:.1%}",
+          f"{r['ours_first_step_s']:.1f}") for r in rows],
+        ("family", "ours", "transformers", "ratio", "meets", "real ours/HF", "MFU", "ours 1st step s")))

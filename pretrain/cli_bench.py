@@ -100,6 +100,9 @@ def train(
     rounds: Annotated[int, typer.Option("--rounds", help="Steps timed on each side, alternating.")] = 20,
     cache_dir: Annotated[str, typer.Option("--cache-dir", help="Token caches of the built-in corpus.")]
     = "data/cache",
+    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="Ours through torch.compile, as "
+                                                "train.compile does (its first step includes the compile).")]
+    = False,
 ) -> None:
     """Our training step beside the transformers model of the same config and weights, alternating step by step
     in one process: tokens/s (all positions and real tokens), the ratio, and MFU against the measured peak."""
@@ -114,4 +117,7 @@ def train(
     if rounds < 2:
         raise UserError(f"--rounds must be >= 2, got {rounds}")
     require_transformers()
-    print_rows([bench_family(f, size, precision, rounds, cache_dir) for f in families], console)
+    from pretrain.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the trainer does; the transformers side, in the same process, gains from it too
+    print_rows([bench_family(f, size, precision, rounds, cache_dir, compile_model) for f in families], console)
