@@ -54,3 +54,19 @@ def test_the_benchmark_times_the_same_model_on_the_same_batches(monkeypatch, tmp
         assert row["same_model_max_abs_diff"] < 1e-4  # transformers computes our logits: a fair comparison
         assert row["ours_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and 0 < row["ours_real_share"] <= 1
         assert row["ratio"] > 0 and 0 < row["mfu"] < 1
+
+
+def test_fused_bf16_loss_survives_a_label_far_below_the_top():
+    """A label ~200 nats below the top logit has probability 0 even in bf16: its loss is still the right finite
+    number (recomputed in fp32), not inf."""
+    h = torch.zeros(3, 4)
+    h[:, 0] = 1.0
+    w = torch.zeros(5, 4)
+    w[0, 0], w[1, 0] = 200.0, -1.0  # class 0 leads by 200 nats; class 1 is 201 below it
+    y = torch.tensor([1, 0, IGNORE_INDEX])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = lm_terms(y, "lm")(h, w, None)
+    want = ce_terms(F.linear(h, w), y, "lm")
+    assert torch.isfinite(terms["lm_loss"][0])
+    assert abs(float(terms["lm_loss"][0]) - float(want["lm_loss"][0])) < 1.0  # 201 nats, bf16-rounded logits
+    assert float(terms["lm_acc"][0]) == 1.0  # the second row's label is the top one
