@@ -131,10 +131,11 @@ def test_bench_batches_rows_side_by_side(data):
                          split=split, vocab=vocab)
     by = {r["objective"]: r for r in rows}
     n_raw = OBJECTIVES["span"]().lengths(64)[0]
-    assert list(by) == ["clm", "mlm", "span", f"span, raw {n_raw}", "prefix", "denoise"]
+    assert list(by) == ["clm", "clm, doc_attention", "mlm", "mlm, pack", "span", f"span, raw {n_raw}", "prefix",
+                        "denoise"]
     for name, r in by.items():
         assert r["ours_tokens_per_s"] > 0
-        if name == "prefix":  # no peer
+        if name in ("prefix", "clm, doc_attention", "mlm, pack"):  # no peer: the reference code has no such mode
             assert r["peer_tokens_per_s"] is None and r["speedup"] is None
         else:
             assert r["peer_tokens_per_s"] > 0 and r["speedup"] == pytest.approx(
@@ -142,4 +143,5 @@ def test_bench_batches_rows_side_by_side(data):
     assert by["span"]["tokens_per_batch"] == 8 * 64 and by[f"span, raw {n_raw}"]["tokens_per_batch"] == 8 * n_raw
     assert by["clm"]["ours_fill"] == by["clm"]["peer_fill"] == 1.0 and by["prefix"]["peer_fill"] is None
     assert 0 < by["mlm"]["ours_fill"] <= 1 and 0 < by["mlm"]["peer_fill"] <= 1
+    assert by["mlm, pack"]["ours_fill"] > by["mlm"]["ours_fill"] and by["mlm, pack"]["target"] == 5e6  # fuller rows
     assert by["mlm"]["target"] == 5e6 and by["span"]["target"] == 1e7 and by["clm"]["target"] is None
