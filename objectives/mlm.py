@@ -156,12 +156,7 @@ class MaskedLM(Objective):
         next_sentence_label (B, E) per example, IGNORE_INDEX past a row's examples; example_ids (B, T)."""
         if split.n_tokens < 2:
             raise ValueError(f"split has {split.n_tokens} tokens; masked LM needs at least 2")
-        parts, done = [], False
-        while not done:  # a pass is almost always enough; a batch of long pairs draws another
-            parts.append(_sentence_pairs(split, vocab, gen, B * (2 + T // 64), T, self.short_seq_prob))
-            pairs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            lengths = pairs["attention_mask"].sum(1)
-            row, off, done = next_fit(lengths.numpy(), B, T)
+        pairs, lengths, row, off = _pairs_for_rows(split, vocab, gen, B, T, self.short_seq_prob)
         k = len(row)
         ids, labels = self.mask(pairs["input_ids"][:k], vocab, gen)  # BERT's count per pair
         fields = {"input_ids": ids, "labels": labels, "token_type_ids": pairs["token_type_ids"][:k]}
@@ -237,6 +232,20 @@ class MaskedLM(Objective):
         counts[vocab.special] = 0
         total = counts.sum()
         return {"majority_acc": float(counts.max() / total)} if total > 0 else {}
+
+
+def _pairs_for_rows(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int, short_seq_prob: float):
+    """BERT pairs drawn in order until next-fit fills B rows of T: 2 a row, then as many as the lengths so far say
+    fill the rest, with a 20% margin. Returns (pairs, lengths, row, off): every pair drawn, in order, and the row
+    and offset of the first len(row) of them, which `_packed` keeps."""
+    parts, draw, done = [], 2 * B, False
+    while not done:
+        parts.append(_sentence_pairs(split, vocab, gen, draw, T, short_seq_prob))
+        pairs = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        lengths = pairs["attention_mask"].sum(1)
+        row, off, done = next_fit(lengths.numpy(), B, T)
+        draw = max(B, int(1.2 * B * T / float(lengths.double().mean())) - len(lengths))
+    return pairs, lengths, row, off
 
 
 def _uniform_below(u: np.ndarray, n: np.ndarray) -> np.ndarray:

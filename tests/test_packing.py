@@ -14,7 +14,7 @@ from test_mlm import SPLIT, VOCAB, make_split
 from models.config import Arch, ModelConfig
 from models.transformer import Transformer
 from objectives.base import IGNORE_INDEX, make_generator
-from objectives.mlm import MaskedLM, _sentence_pairs
+from objectives.mlm import MaskedLM, _pairs_for_rows, _sentence_pairs
 from objectives.packing import next_fit
 from pretrain.tokenizer import N_SPECIAL, Vocab
 
@@ -59,11 +59,13 @@ def test_packed_rows_hold_whole_pairs_with_their_own_segments():
 
 
 def test_packing_selects_nothing_the_pairs_are_the_drawn_prefix():
-    """The packed pairs are, in order, the first pairs `_sentence_pairs` draws from the same generator: packing
-    keeps every one until the rows are full, long or short, IsNext or NotNext."""
+    """The packed pairs are, in order, the first pairs drawn from the same generator (BERT's `_sentence_pairs`, in
+    rounds until the rows are full): packing keeps every one until then, long or short, IsNext or NotNext."""
     gen_a, gen_b = make_generator(3), make_generator(3)
     b = PACKED.batch(SPLIT, VOCAB, gen_a, 8, 128)
-    drawn = _sentence_pairs(SPLIT, VOCAB, gen_b, 8 * 4, 128, PACKED.short_seq_prob)
+    drawn = _pairs_for_rows(SPLIT, VOCAB, gen_b, 8, 128, PACKED.short_seq_prob)[0]
+    first = _sentence_pairs(SPLIT, VOCAB, make_generator(3), 16, 128, PACKED.short_seq_prob)
+    assert torch.equal(drawn["input_ids"][:16], first["input_ids"])  # round one: BERT's pairs as drawn
     k = 0
     for i in range(8):
         for span, e in examples(b, i):
