@@ -66,7 +66,7 @@ import torch
 from models.config import Arch
 from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, lm_terms
 from objectives.clm import stream_windows
-from objectives.packing import next_fit, per_example, place
+from objectives.packing import first_fit, in_row_order, per_example, place
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -152,18 +152,20 @@ class MaskedLM(Objective):
         return _full_sentences(split, vocab, gen, batch_size, seq_len)
 
     def _packed(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int) -> Batch:
-        """BERT's pairs, each masked as its own sequence, packed next-fit into B rows of T (objectives/packing.py):
+        """BERT's pairs, each masked as its own sequence, packed first-fit into B rows of T (objectives/packing.py):
         next_sentence_label (B, E) per example, IGNORE_INDEX past a row's examples; example_ids (B, T)."""
         if split.n_tokens < 2:
             raise ValueError(f"split has {split.n_tokens} tokens; masked LM needs at least 2")
         pairs, lengths, row, off = _pairs_for_rows(split, vocab, gen, B, T, self.short_seq_prob)
         k = len(row)
-        ids, labels = self.mask(pairs["input_ids"][:k], vocab, gen)  # BERT's count per pair
-        fields = {"input_ids": ids, "labels": labels, "token_type_ids": pairs["token_type_ids"][:k]}
-        out = place(fields, lengths, (row, off), (B, T), {"input_ids": vocab.pad, "labels": IGNORE_INDEX,
-                                                           "token_type_ids": 0})
+        ids, labels = self.mask(pairs["input_ids"][:k], vocab, gen)  # BERT's count per pair, in drawn order
+        order = in_row_order(row, off)
+        o = torch.from_numpy(order)
+        fields = {"input_ids": ids[o], "labels": labels[o], "token_type_ids": pairs["token_type_ids"][o]}
+        out = place(fields, lengths[o], (row[order], off[order]), (B, T),
+                    {"input_ids": vocab.pad, "labels": IGNORE_INDEX, "token_type_ids": 0})
         out["attention_mask"] = (out["example_ids"] > 0).long()
-        out["next_sentence_label"] = per_example(pairs["next_sentence_label"], row, B)
+        out["next_sentence_label"] = per_example(pairs["next_sentence_label"][o], row[order], B)
         return out
 
     def mask(self, input_ids: torch.Tensor, vocab: Vocab, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +237,7 @@ class MaskedLM(Objective):
 
 
 def _pairs_for_rows(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int, short_seq_prob: float):
-    """BERT pairs drawn in order until next-fit fills B rows of T: 2 a row, then as many as the lengths so far say
+    """BERT pairs drawn in order until first-fit fills B rows of T: 2 a row, then as many as the lengths so far say
     fill the rest, with a 20% margin. Returns (pairs, lengths, row, off): every pair drawn, in order, and the row
     and offset of the first len(row) of them, which `_packed` keeps."""
     parts, draw, done = [], 2 * B, False
@@ -243,7 +245,7 @@ def _pairs_for_rows(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: in
         parts.append(_sentence_pairs(split, vocab, gen, draw, T, short_seq_prob))
         pairs = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         lengths = pairs["attention_mask"].sum(1)
-        row, off, done = next_fit(lengths.numpy(), B, T)
+        row, off, done = first_fit(lengths.numpy(), B, T)
         draw = max(B, int(1.2 * B * T / float(lengths.double().mean())) - len(lengths))
     return pairs, lengths, row, off
 

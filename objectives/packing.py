@@ -2,10 +2,13 @@
 `DataCollatorWithFlattening` for decoders). The model keeps attention within each example and restarts its
 positions (`example_ids`, models/cache.py `packed_masks`), so an example computes what it would alone.
 
-Examples are placed next-fit, in the order they were drawn: each goes at the end of the current row if it fits,
-else it opens the next row, and the first `B` rows are kept. So the examples of a packed batch are a prefix of
-the examples drawn, whatever their lengths: packing selects nothing, and the statistics of the examples (NSP's
-label rate, the masked fraction of each) are those of the unpacked objective.
+Examples are placed first-fit, in the order they were drawn: each goes into the first row with room for it,
+opens the next row when none has room, and the first example that fits in none of the `B` rows ends the batch.
+So the examples of a packed batch are a prefix of the examples drawn, whatever their lengths: packing selects
+nothing, and the statistics of the examples (NSP's label rate, the masked fraction of each) are those of the
+unpacked objective. First-fit lets later short examples fill the tails that next-fit (a row closed as soon as
+one example overflows it) leaves empty: BERT's pairs on the built-in corpus fill 92-98% of their rows instead of
+80%. A row's examples are then not in drawn order; `in_row_order` sorts them before `place`.
 """
 
 from __future__ import annotations
@@ -16,19 +19,29 @@ import torch
 from objectives.base import IGNORE_INDEX
 
 
-def next_fit(lengths: np.ndarray, rows: int, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Row and offset of each of the first examples that fit, next-fit, into `rows` rows of `width` tokens,
-    and whether every row was reached (False: more examples are needed). A loop over examples, not tokens."""
+def first_fit(lengths: np.ndarray, rows: int, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Row and offset of each of the first examples that fit, first-fit in drawn order (module docstring), into
+    `rows` rows of `width` tokens, and whether the batch ended on an example that fits nowhere (False: every
+    example was placed, and more are needed to fill the rows). A loop over examples, not tokens."""
     row, off = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
-    r, o = 0, 0
+    used = np.zeros(rows, np.int64)  # tokens in each row
+    opened = 0
     for i, n in enumerate(lengths.tolist()):
-        if o + n > width:
-            r, o = r + 1, 0
-        if r == rows:
+        room = np.flatnonzero(used[:opened] + n <= width)
+        if len(room):
+            r = int(room[0])
+        elif opened < rows:
+            r, opened = opened, opened + 1
+        else:
             return row[:i], off[:i], True
-        row[i], off[i] = r, o
-        o += n
-    return row, off, r == rows - 1
+        row[i], off[i] = r, used[r]
+        used[r] += n
+    return row, off, False
+
+
+def in_row_order(row: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """The permutation that sorts placed examples by row, then offset (what `place` and `per_example` expect)."""
+    return np.lexsort((off, row))
 
 
 def place(fields: dict[str, torch.Tensor], lengths: torch.Tensor, where: tuple[np.ndarray, np.ndarray],

@@ -15,7 +15,7 @@ from models.config import Arch, ModelConfig
 from models.transformer import Transformer
 from objectives.base import IGNORE_INDEX, make_generator
 from objectives.mlm import MaskedLM, _pairs_for_rows, _sentence_pairs
-from objectives.packing import next_fit
+from objectives.packing import first_fit
 from pretrain.tokenizer import N_SPECIAL, Vocab
 
 PACKED = MaskedLM(pack=True)
@@ -33,12 +33,16 @@ def examples(b: dict, i: int) -> list[tuple[slice, int]]:
     return out
 
 
-def test_next_fit_keeps_the_order_and_never_overflows():
+def test_first_fit_keeps_a_prefix_and_fills_tails():
     lengths = np.array([50, 60, 30, 100, 20, 20, 90, 10])
-    row, off, full = next_fit(lengths, 3, 128)
-    assert row.tolist() == [0, 0, 1, 2, 2] and off.tolist() == [0, 50, 0, 0, 100] and full  # 20 more: a 4th row
-    row, off, full = next_fit(np.array([10, 10]), 3, 128)
-    assert not full  # two short examples cannot reach three rows: the caller draws more
+    row, off, full = first_fit(lengths, 3, 128)
+    # 30 opens row 1 and 100 row 2; the two 20s then fill row 1's tail (next-fit would have put them after 100
+    # and stopped there); 90 fits nowhere and ends the batch, so 10, though it would fit, is not taken.
+    assert row.tolist() == [0, 0, 1, 2, 1, 1] and off.tolist() == [0, 50, 0, 0, 30, 50] and full
+    used = np.bincount(row, weights=lengths[: len(row)], minlength=3)
+    assert (used <= 128).all()
+    row, off, full = first_fit(np.array([10, 10]), 3, 128)
+    assert row.tolist() == [0, 0] and not full  # two short examples cannot fill three rows: the caller draws more
 
 
 def test_packed_rows_hold_whole_pairs_with_their_own_segments():
@@ -59,22 +63,21 @@ def test_packed_rows_hold_whole_pairs_with_their_own_segments():
 
 
 def test_packing_selects_nothing_the_pairs_are_the_drawn_prefix():
-    """The packed pairs are, in order, the first pairs drawn from the same generator (BERT's `_sentence_pairs`, in
-    rounds until the rows are full): packing keeps every one until then, long or short, IsNext or NotNext."""
+    """The packed pairs are the first pairs drawn from the same generator (BERT's `_sentence_pairs`, in rounds
+    until the rows are full), each where first-fit put it: packing keeps every one until then, long or short,
+    IsNext or NotNext."""
     gen_a, gen_b = make_generator(3), make_generator(3)
     b = PACKED.batch(SPLIT, VOCAB, gen_a, 8, 128)
-    drawn = _pairs_for_rows(SPLIT, VOCAB, gen_b, 8, 128, PACKED.short_seq_prob)[0]
+    drawn, lengths, row, off = _pairs_for_rows(SPLIT, VOCAB, gen_b, 8, 128, PACKED.short_seq_prob)
     first = _sentence_pairs(SPLIT, VOCAB, make_generator(3), 16, 128, PACKED.short_seq_prob)
     assert torch.equal(drawn["input_ids"][:16], first["input_ids"])  # round one: BERT's pairs as drawn
-    k = 0
-    for i in range(8):
-        for span, e in examples(b, i):
-            original = torch.where(b["labels"][i, span] != IGNORE_INDEX, b["labels"][i, span],
-                                   b["input_ids"][i, span])  # the clean pair, masks undone
-            n = span.stop - span.start
-            assert torch.equal(original, drawn["input_ids"][k, :n]) and int(drawn["attention_mask"][k].sum()) == n
-            assert b["next_sentence_label"][i, e - 1] == drawn["next_sentence_label"][k]
-            k += 1
+    assert sum(len(examples(b, i)) for i in range(8)) == len(row)  # every placed pair, no other
+    for k in range(len(row)):  # drawn pair k sits where first-fit put it, masks undone
+        i, n = int(row[k]), int(lengths[k])
+        [(span, e)] = [(sp, e) for sp, e in examples(b, i) if sp.start == off[k]]
+        original = torch.where(b["labels"][i, span] != IGNORE_INDEX, b["labels"][i, span], b["input_ids"][i, span])
+        assert span.stop - span.start == n and torch.equal(original, drawn["input_ids"][k, :n])
+        assert b["next_sentence_label"][i, e - 1] == drawn["next_sentence_label"][k]
 
 
 def test_packed_statistics_are_berts():
