@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,7 @@ def train(cfg: Config, run_dir: Path, start: Start | None = None, console: Conso
             runs.write_json(run.summary, summary)
     if rt.world > 1:  # leave together, DDP's reducer gone first: tearing down under it can abort a rank at exit
         del engine
+        gc.collect()  # FSDP's and DDP's hooks hold the model in reference cycles: free them while the group lives
         dist.barrier()
         dist.destroy_process_group()
     return summary
