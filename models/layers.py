@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 
-EXPLICIT_KEYS = 512  # CPU attention under bf16/fp16 over at most this many keys runs `explicit_attention`
+EXPLICIT_KEYS = 512  # CPU attention under bf16 over at most this many keys runs `explicit_attention`
 KV = tuple[Tensor, Tensor]
 """Keys and values of one attention layer, each (B, nh, L, hs)."""
 
@@ -160,7 +160,7 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_
 
 class Attention(nn.Module):
     """Multi-head attention (Vaswani et al. §3.2.2) through `F.scaled_dot_product_attention`, or
-    `explicit_attention` where that is faster (CPU, bf16/fp16, short keys).
+    `explicit_attention` where that is faster (CPU, bf16, short keys).
 
     Self-attention projects q, k, v from x with one fused matmul; cross-attention projects q from x and
     k, v from the encoder output.
@@ -209,7 +209,7 @@ class Attention(nn.Module):
             if cached is not None:
                 k, v = torch.cat((cached[0], k), dim=2), torch.cat((cached[1], v), dim=2)  # (B, nh, L, hs)
         drop = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.size(2) <= EXPLICIT_KEYS:
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(2) <= EXPLICIT_KEYS:
             y = explicit_attention(q, k, v, mask, is_causal, drop)  # (B, nh, T, hs)
         else:
             if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
