@@ -75,12 +75,10 @@ def keep_freed_memory() -> bool:
     keeps its peak footprint instead of shrinking between steps. Returns whether the settings took (False off
     glibc, where nothing is changed)."""
     import ctypes
-    import ctypes.util
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+    try:  # the symbols already loaded into this process, libc's among them (no library search at start-up)
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, TypeError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
