@@ -119,14 +119,12 @@ def bench_batches(names: list[str] | None, batch_size: int, seq_len: int, second
     return rows
 
 
-PACKING = ("pack", "doc_attention")  # switches that put several examples in a row (objectives/packing.py)
-
-
 def variants(names: list[str]) -> list[tuple[str, Any]]:
     """(label, objective) to time: each objective with its defaults, then, where it has a packing switch, with
     that switch on ("mlm, pack"), which the packed training path builds batches with."""
     import dataclasses
 
+    from objectives.packing import SWITCHES
     from pretrain.config import objective_class
 
     out = []
@@ -134,7 +132,7 @@ def variants(names: list[str]) -> list[tuple[str, Any]]:
         obj = objective_class(name)()
         out.append((name, obj))
         fields = {f.name for f in dataclasses.fields(obj)}
-        out += [(f"{name}, {k}", dataclasses.replace(obj, **{k: True})) for k in PACKING if k in fields]
+        out += [(f"{name}, {k}", dataclasses.replace(obj, **{k: True})) for k in SWITCHES if k in fields]
     return out
 
 

@@ -157,7 +157,9 @@ def unpacked(objective):
     models cannot keep attention within packed examples)."""
     import dataclasses
 
-    off = {f.name: False for f in dataclasses.fields(objective) if f.name in ("pack", "doc_attention")}
+    from objectives.packing import SWITCHES
+
+    off = {f.name: False for f in dataclasses.fields(objective) if f.name in SWITCHES}
     return dataclasses.replace(objective, **off)
 
 

@@ -18,6 +18,8 @@ import torch
 
 from objectives.base import IGNORE_INDEX
 
+SWITCHES = ("pack", "doc_attention")  # objective fields that, when true, put several examples in a row
+
 
 def first_fit(lengths: np.ndarray, rows: int, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Row and offset of each of the first examples that fit, first-fit in drawn order (module docstring), into
