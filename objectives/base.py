@@ -269,15 +269,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(V, dtype=torch.float32, device=h.device) if bias is not None else None
         sums = torch.zeros(3, dtype=torch.float64, device=h.device)  # loss, nll, correct
         rows = max(1, LOGITS_PER_CHUNK // V)
+        chunk_terms = _chunk_bf16 if dtype == torch.bfloat16 and dev == "cpu" else _chunk_fp32
         for i in range(0, N, rows):
             x, y = x_all[i:i + rows], labels[i:i + rows]
             keep = y != IGNORE_INDEX
             yk = y.clamp(min=0)[:, None]
-            z = F.linear(x, w, b)  # (n, V) in the compute dtype
-            half = z.dtype == torch.bfloat16 and z.device.type == "cpu"
-            loss, nll, hit, g = (_chunk_bf16 if half else _chunk_fp32)(z, yk, keep, smoothing)
+            loss, nll, hit, g = chunk_terms(F.linear(x, w, b), yk, keep, smoothing)  # logits (n, V) in dtype
             sums += torch.stack([loss.sum(), nll.sum(), (hit & keep).sum()]).double()
-            if g.device.type != "cpu":  # an ignored row has no gradient (no host sync on an accelerator)
+            if dev != "cpu":  # an ignored row has no gradient (no host sync on an accelerator)
                 g.mul_(keep[:, None])
             elif not bool(keep.all()):
                 g.index_fill_(0, (~keep).nonzero()[:, 0], 0.0)
