@@ -34,15 +34,27 @@ def stream_windows(split: TokenSplit, starts: torch.Tensor, length: int, sep: in
 
     In the virtual stream document d occupies [doc_offsets[d] + d, doc_offsets[d+1] + d) and its
     separator sits at doc_offsets[d+1] + d. starts (B,) are virtual positions; returns (B, length) int64.
+    Only each window's first and last positions are looked up among the documents; the separators between
+    them are marked from the documents' ends, and a running count of them gives every position's document d,
+    hence its real position v - d (a separator counts with the next document, so it reads its own document's
+    last token, which `sep` then replaces).
     """
-    offsets = split.doc_offsets
-    vstart = split.stream_starts  # (D,) virtual start of each document
-    v = starts.numpy()[:, None] + np.arange(length)  # (B, L) virtual positions
-    d = np.searchsorted(vstart, v, side="right") - 1  # (B, L) document of each position
-    real = offsets[d] + (v - vstart[d])  # position in the real token array (== doc end at the separator)
-    is_sep = real == offsets[d + 1]
-    ids = split.tokens[np.minimum(real, split.n_tokens - 1)].astype(np.int64)
-    return torch.from_numpy(np.where(is_sep, sep, ids))
+    vstart, offsets = split.stream_starts, split.doc_offsets  # (D,) virtual start of each document
+    v0 = starts.numpy()
+    d0 = np.searchsorted(vstart, v0, side="right") - 1  # (B,) document of each window's first position
+    d1 = np.searchsorted(vstart, v0 + length - 1, side="right") - 1  # (B,) and of its last
+    B, K = len(v0), int((d1 - d0).max(initial=0)) + 1  # documents a window touches, at most
+    dd = d0[:, None] + np.arange(K)  # (B, K) those documents
+    last = np.minimum(dd, len(vstart) - 1)
+    rel = np.where(dd <= d1[:, None], offsets[last + 1] + last - v0[:, None], length)  # (B, K) their separators
+    rel = np.minimum(rel, length)  # columns in the window; `length`: past it
+    mark = np.zeros((B, length + 1), np.int32)
+    mark[np.arange(B)[:, None], rel] = 1  # separators (a window holds each at most once)
+    is_sep = torch.from_numpy(mark[:, :length].astype(bool))
+    d = torch.from_numpy(d0)[:, None] + torch.from_numpy(mark[:, :length]).cumsum(1)  # (B, L) (next one on a sep)
+    real = (starts[:, None] + torch.arange(length) - d).numpy()  # position in the real token array
+    ids = torch.from_numpy(split.tokens[real].astype(np.int64))
+    return ids.masked_fill_(is_sep, sep)
 
 
 @dataclass(frozen=True)

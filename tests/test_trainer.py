@@ -125,6 +125,21 @@ def test_clm_windows_join_documents_with_eos_and_shift_by_one():
     assert math.isclose(len({tuple(r) for r in b["input_ids"].tolist()}), 6)  # every start position occurs
 
 
+def test_stream_windows_are_the_joined_stream_at_every_start_and_length():
+    """Windows that start or end on a separator, hold several whole documents or one-token ones, reach the last
+    document's separator, or span the whole stream: each is the explicit stream's slice."""
+    from objectives.clm import stream_windows
+
+    docs = [[[110]], [[111, 112]], [[113]], [[114, 115, 116, 117]], [[118]], [[119]], [[120, 121]]]
+    split = TokenSplit.from_documents(docs)
+    stream = np.concatenate([np.append(np.concatenate(d), 3) for d in docs])
+    for length in range(1, len(stream) + 1):
+        starts = torch.arange(len(stream) - length + 1)
+        got = stream_windows(split, starts, length, 3).numpy()
+        want = np.stack([stream[s:s + length] for s in starts.tolist()])
+        assert (got == want).all(), length
+
+
 def test_clm_doc_attention_opens_an_example_at_each_eos():
     docs = [[list(range(110 + d, 113 + d))] for d in range(30)]  # 3-token documents
     split = TokenSplit.from_documents(docs)
