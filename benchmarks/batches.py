@@ -5,9 +5,9 @@ fairseq, nanoGPT) draw batches of the same shape from the same token cache (the 
 with the same vocabulary, on one thread. Throughput counts the nominal batch, batch_size x seq_len tokens
 (padding included, identical for both sides, so a denoising batch counts 64 x 512 however its source was
 padded); an objective with a fixed raw window (`Objective.raw_window`: T5 reads 568 raw tokens for 512
-inputs) also reports batch_size x that window. Targets are the speeds we hold ourselves to (mlm 5M, span 10M,
-denoise 5M tokens/s). Beside them, the non-padding share of each side's batches: on short documents (the
-built-in corpus averages ~60 tokens a docstring) BERT pairs at 512 are mostly padding, and ours and the peer
+inputs) also reports batch_size x that window. Targets are the speeds we hold ourselves to (10M tokens/s for
+every objective, packed or not). Beside them, the non-padding share of each side's batches: on short documents
+(the built-in corpus averages ~60 tokens a docstring) BERT pairs at 512 are mostly padding, and ours and the peer
 need not fill alike.
 """
 

@@ -66,7 +66,7 @@ import torch
 from models.config import Arch
 from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, lm_terms
 from objectives.clm import stream_windows
-from objectives.packing import first_fit, in_row_order, per_example, place
+from objectives.packing import FirstFit, example_ids, per_example, slots, token_slots
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -152,29 +152,38 @@ class MaskedLM(Objective):
         return _full_sentences(split, vocab, gen, batch_size, seq_len)
 
     def _packed(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int) -> Batch:
-        """BERT's pairs, each masked as its own sequence, packed first-fit into B rows of T (objectives/packing.py):
-        next_sentence_label (B, E) per example, IGNORE_INDEX past a row's examples; example_ids (B, T)."""
+        """BERT's pairs packed first-fit into B rows of T (objectives/packing.py), then masked in place, each pair
+        with its own budget: next_sentence_label (B, E) per example, IGNORE_INDEX past a row's examples;
+        example_ids (B, T)."""
         if split.n_tokens < 2:
             raise ValueError(f"split has {split.n_tokens} tokens; masked LM needs at least 2")
-        pairs, lengths, row, off = _pairs_for_rows(split, vocab, gen, B, T, self.short_seq_prob)
-        k = len(row)
-        ids, labels = self.mask(pairs["input_ids"][:k], vocab, gen)  # BERT's count per pair, in drawn order
-        order = in_row_order(row, off)
-        o = torch.from_numpy(order)
-        fields = {"input_ids": ids[o], "labels": labels[o], "token_type_ids": pairs["token_type_ids"][o]}
-        out = place(fields, lengths[o], (row[order], off[order]), (B, T),
-                    {"input_ids": vocab.pad, "labels": IGNORE_INDEX, "token_type_ids": 0})
+        spans, row, off = _pairs_for_rows(split, gen, B, T, self.short_seq_prob)
+        la, lb = spans["la"][: len(row)], spans["lb"][: len(row)]
+        ex, local, flat = token_slots(la + lb + 3, row, off, T)
+        la, lb = la[ex], lb[ex]
+        in_a, in_b = (local >= 1) & (local <= la), (local >= la + 2) & (local <= la + lb + 1)
+        src = np.where(in_a, spans["a0"][ex] + local - 1, np.where(in_b, spans["b0"][ex] + local - la - 2, 0))
+        tok = np.where(in_a | in_b, split.tokens[src].astype(np.int64), vocab.sep)  # [SEP] after A and after B
+        tok[local == 0] = vocab.cls
+        ids, types = np.full(B * T, vocab.pad, np.int64), np.zeros(B * T, np.int64)
+        ids[flat], types[flat] = tok, local >= la + 2
+        slot = slots(row)
+        out = {"example_ids": example_ids(ex, flat, slot, (B, T)), "token_type_ids": torch.from_numpy(types).view(B, T)}
+        out["input_ids"], out["labels"] = self.mask(torch.from_numpy(ids).view(B, T), vocab, gen, out["example_ids"])
         out["attention_mask"] = (out["example_ids"] > 0).long()
-        out["next_sentence_label"] = per_example(pairs["next_sentence_label"][o], row[order], B)
+        out["next_sentence_label"] = per_example(torch.from_numpy(spans["not_next"].astype(np.int64)), row, slot, B)
         return out
 
-    def mask(self, input_ids: torch.Tensor, vocab: Vocab, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Select and corrupt pieces of input_ids (B, T); returns (corrupted ids, labels), both (B, T)."""
+    def mask(self, input_ids: torch.Tensor, vocab: Vocab, gen: torch.Generator,
+             example_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select and corrupt pieces of input_ids (B, T); returns (corrupted ids, labels), both (B, T). With
+        example_ids (B, T) (packed rows), each example of a row is a sequence of its own: its own count of real
+        tokens and its own budget."""
         B, T = input_ids.shape
-        cand = ~vocab.special_t[input_ids]  # (B, T) maskable: real, non-special pieces (pads are special)
-        n_real = (input_ids != vocab.pad).sum(1)  # (B,) BERT's n: every real token, [CLS]/[SEP] included
+        cand = torch.from_numpy(~vocab.special[input_ids.numpy()])  # (B, T) maskable: real, non-special pieces
 
         # Words: every candidate alone, or (whole_word) a word-start piece and the continuations after it.
+        # A special piece ([CLS] first of all) starts every example, so no word crosses two.
         if self.whole_word:
             prev = torch.nn.functional.pad(cand[:, :-1], (1, 0), value=False)  # (B, T) previous is a candidate
             start = cand & (vocab.word_start_t[input_ids] | ~prev)
@@ -183,22 +192,12 @@ class MaskedLM(Objective):
         else:
             wid, word_len = None, cand.long()
 
-        score = torch.rand(B, T, generator=gen).masked_fill_(word_len == 0, 2.0)  # (B, T) per word; 2 = no word
-        p = self.mask_prob
+        no_word = ~cand if wid is None else word_len == 0
+        score = torch.rand(B, T, generator=gen).masked_fill_(no_word, 2.0)  # (B, T) per word; 2 = no word
         if self.selection == "bernoulli" and not self.max_predictions:
-            take = score < p  # (B, T) an independent coin per word
+            take = score < self.mask_prob  # (B, T) an independent coin per word
         else:
-            if self.selection == "exact":
-                limit = torch.round(n_real.double() * p).long().clamp_min(1)  # half to even, as Python's round
-                if self.max_predictions:
-                    limit = limit.clamp_max(self.max_predictions)
-            else:
-                limit = torch.full((B,), self.max_predictions)
-            sorted_score, order = score.sort(1)  # (B, T) words in random order
-            keep = (word_len.gather(1, order).cumsum(1) <= limit[:, None]) & (sorted_score < 1.5)
-            if self.selection == "bernoulli":
-                keep &= sorted_score < p  # the coin's winners are a prefix of the random order
-            take = torch.zeros_like(keep).scatter_(1, order, keep)  # (B, T) per word
+            take = self._budgeted(score, word_len, input_ids != vocab.pad, example_ids, wid, cand)
         sel = (take.gather(1, wid) if wid is not None else take) & cand  # (B, T) selected pieces
 
         u = torch.rand(B, T, generator=gen)  # one uniform decides [MASK] / random / unchanged per piece
@@ -210,6 +209,38 @@ class MaskedLM(Objective):
         ids[to_rand] = ordinary[torch.randint(len(ordinary), (n_rand,), generator=gen)]
         labels = input_ids.masked_fill(~sel, IGNORE_INDEX)
         return ids, labels
+
+    def _budgeted(self, score: torch.Tensor, word_len: torch.Tensor, real: torch.Tensor,
+                  example_ids: torch.Tensor | None, wid: torch.Tensor | None, cand: torch.Tensor) -> torch.Tensor:
+        """(B, T) the words taken in random order (by `score`) while the sequence's piece count stays within its
+        budget: BERT's round(n x mask_prob) (n its real tokens), or max_predictions with bernoulli coins.
+        Packed rows sort each example's words apart (example number + score, in float64, so exactly) and count
+        each from its own start."""
+        p, B = self.mask_prob, score.size(0)
+        if example_ids is None:
+            n_real = real.sum(1, keepdim=True)  # (B, 1) BERT's n: every real token, [CLS]/[SEP] included
+            group = None
+        else:
+            n_real = torch.zeros(B, int(example_ids.max()) + 1, dtype=torch.long).scatter_add_(1, example_ids,
+                                                                                           real.long())  # (B, E+1)
+            group = example_ids if wid is None else torch.zeros_like(example_ids).scatter_reduce_(
+                1, wid, example_ids * cand, "amax")  # (B, T words) the example of each word
+        if self.selection == "exact":
+            limit = torch.round(n_real.double() * p).long().clamp_min(1)  # half to even, as Python's round
+            if self.max_predictions:
+                limit = limit.clamp_max(self.max_predictions)
+        else:
+            limit = torch.full_like(n_real, self.max_predictions)
+        if group is None:
+            sorted_score, order = score.sort(1)  # (B, T) words in random order
+            count = word_len.gather(1, order).cumsum(1)
+        else:
+            order, sorted_score, count, g = _within_examples(score, word_len, group)
+            limit = limit.gather(1, g)
+        keep = (count <= limit) & (sorted_score < 1.5)
+        if self.selection == "bernoulli":
+            keep &= sorted_score < p  # the coin's winners are a prefix of the random order
+        return torch.zeros_like(keep).scatter_(1, order, keep)  # (B, T) per word
 
     def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
         """Summed MLM cross-entropy over the selected positions (+ summed NSP cross-entropy)."""
@@ -236,18 +267,44 @@ class MaskedLM(Objective):
         return {"majority_acc": float(counts.max() / total)} if total > 0 else {}
 
 
-def _pairs_for_rows(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int, short_seq_prob: float):
+def _within_examples(score: torch.Tensor, word_len: torch.Tensor, group: torch.Tensor):
+    """Words of packed rows in random order within each example. One int64 key per word holds its example, its
+    score and its position (high to low bits), so sorting the keys' values orders the examples apart, each
+    by score, and carries the positions along: 2-3x faster than an argsort. The score is exact in 26 bits:
+    torch.rand's float32 draws are multiples of 2^-24, and 2.0 marks a non-word. Returns, in that order, the
+    word positions, their scores, each word's running piece count from its example's start, and its example;
+    all (B, T)."""
+    B, T = score.shape
+    pos_bits = max(1, (T - 1).bit_length())
+    key = (group.numpy().astype(np.int64) << (pos_bits + 26)) | ((score.numpy() * 2.0**24).astype(np.int64) << pos_bits)
+    key |= np.arange(T)
+    key.sort(axis=1)
+    order = torch.from_numpy(key & ((1 << pos_bits) - 1))
+    sorted_score = torch.from_numpy(((key >> pos_bits) & ((1 << 26) - 1)).astype(np.float32) * 2.0**-24)
+    g = torch.from_numpy(key >> (pos_bits + 26))
+    sizes = word_len.gather(1, order)
+    count = sizes.cumsum(1)
+    first = torch.ones_like(g, dtype=torch.bool)
+    first[:, 1:] = g[:, 1:] != g[:, :-1]
+    count -= torch.where(first, count - sizes, 0).cummax(1).values  # pieces before, within the example
+    return order, sorted_score, count, g
+
+
+def _pairs_for_rows(split: TokenSplit, gen: torch.Generator, B: int, T: int, short_seq_prob: float):
     """BERT pairs drawn in order until first-fit fills B rows of T: 2 a row, then as many as the lengths so far say
-    fill the rest, with a 20% margin. Returns (pairs, lengths, row, off): every pair drawn, in order, and the row
-    and offset of the first len(row) of them, which `_packed` keeps."""
-    parts, draw, done = [], 2 * B, False
-    while not done:
-        parts.append(_sentence_pairs(split, vocab, gen, draw, T, short_seq_prob))
-        pairs = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        lengths = pairs["attention_mask"].sum(1)
-        row, off, done = first_fit(lengths.numpy(), B, T)
-        draw = max(B, int(1.2 * B * T / float(lengths.double().mean())) - len(lengths))
-    return pairs, lengths, row, off
+    fill the rest, with a 20% margin. Returns (spans, row, off): `_pair_spans` of every pair drawn, in order, and
+    the row and offset of the first len(row) of them, which `_packed` keeps."""
+    parts, packer, draw, n_drawn, total = [], FirstFit(B, T), 2 * B, 0, 0
+    while True:
+        part = _pair_spans(split, gen, draw, T, short_seq_prob)
+        parts.append(part)
+        lengths = part["la"] + part["lb"] + 3
+        n_drawn, total = n_drawn + draw, total + int(lengths.sum())
+        if packer.add(lengths):
+            break
+        draw = max(B, int(1.2 * B * T * n_drawn / total) - n_drawn)
+    spans = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return (spans, *packer.placed())
 
 
 def _uniform_below(u: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -258,6 +315,28 @@ def _uniform_below(u: np.ndarray, n: np.ndarray) -> np.ndarray:
 def _sentence_pairs(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int,
                     short_seq_prob: float) -> Batch:
     """BERT's `[CLS] A [SEP] B [SEP]` pairs, vectorized over the batch (see the module docstring)."""
+    p = _pair_spans(split, gen, B, T, short_seq_prob)
+    # [CLS] A [SEP] B [SEP] <pad>...: one gather from the token array.
+    j = np.arange(T)[None, :]  # (1, T)
+    la2, lb2, a0, b0 = p["la"][:, None], p["lb"][:, None], p["a0"][:, None], p["b0"][:, None]  # (B, 1)
+    in_a = (j >= 1) & (j <= la2)
+    in_b = (j >= la2 + 2) & (j <= la2 + lb2 + 1)
+    src = np.where(in_a, a0 + j - 1, np.where(in_b, b0 + j - la2 - 2, 0))  # (B, T) token positions
+    ids = np.where(in_a | in_b, split.tokens[src].astype(np.int64), vocab.pad)
+    ids[:, 0] = vocab.cls
+    ids[(j == la2 + 1) | (j == la2 + lb2 + 2)] = vocab.sep
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy((j <= la2 + lb2 + 2).astype(np.int64)),
+        "token_type_ids": torch.from_numpy(((j >= la2 + 2) & (j <= la2 + lb2 + 2)).astype(np.int64)),
+        "next_sentence_label": torch.from_numpy(p["not_next"].astype(np.int64)),  # 0 = IsNext, 1 = NotNext
+    }
+
+
+def _pair_spans(split: TokenSplit, gen: torch.Generator, B: int, T: int,
+                short_seq_prob: float) -> dict[str, np.ndarray]:
+    """B pairs drawn as BERT does (module docstring), as spans of the token array, each (B,) int64: A is
+    tokens[a0 : a0 + la], B is tokens[b0 : b0 + lb]; not_next (bool) is the NSP label."""
     M = T - 3  # max_num_tokens: room for A and B
     off, soff, first = split.doc_offsets, split.sent_offsets, split.doc_first_sent
     N = split.n_tokens
@@ -295,24 +374,7 @@ def _sentence_pairs(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: in
     b1 = np.where(not_next, rb1, c1)
 
     la2, lb2, front = _truncate_pair(a1 - a0, b1 - b0, M, gen)
-    a0 = a0 + front[:, 0]
-    b0 = b0 + front[:, 1]
-
-    # [CLS] A [SEP] B [SEP] <pad>...: one gather from the token array.
-    j = np.arange(T)[None, :]  # (1, T)
-    la2, lb2, a0, b0 = la2[:, None], lb2[:, None], a0[:, None], b0[:, None]  # (B, 1)
-    in_a = (j >= 1) & (j <= la2)
-    in_b = (j >= la2 + 2) & (j <= la2 + lb2 + 1)
-    src = np.where(in_a, a0 + j - 1, np.where(in_b, b0 + j - la2 - 2, 0))  # (B, T) token positions
-    ids = np.where(in_a | in_b, split.tokens[src].astype(np.int64), vocab.pad)
-    ids[:, 0] = vocab.cls
-    ids[(j == la2 + 1) | (j == la2 + lb2 + 2)] = vocab.sep
-    return {
-        "input_ids": torch.from_numpy(ids),
-        "attention_mask": torch.from_numpy((j <= la2 + lb2 + 2).astype(np.int64)),
-        "token_type_ids": torch.from_numpy(((j >= la2 + 2) & (j <= la2 + lb2 + 2)).astype(np.int64)),
-        "next_sentence_label": torch.from_numpy(not_next.astype(np.int64)),  # 0 = IsNext, 1 = NotNext
-    }
+    return {"a0": a0 + front[:, 0], "la": la2, "b0": b0 + front[:, 1], "lb": lb2, "not_next": not_next}
 
 
 def _truncate_pair(la: np.ndarray, lb: np.ndarray, M: int, gen: torch.Generator):

@@ -8,7 +8,10 @@ So the examples of a packed batch are a prefix of the examples drawn, whatever t
 nothing, and the statistics of the examples (NSP's label rate, the masked fraction of each) are those of the
 unpacked objective. First-fit lets later short examples fill the tails that next-fit (a row closed as soon as
 one example overflows it) leaves empty: BERT's pairs on the built-in corpus fill 92-98% of their rows instead of
-80%. A row's examples are then not in drawn order; `in_row_order` sorts them before `place`.
+80%. An example always goes to the end of its row, so a row's examples lie in drawn order.
+
+The rows are written from the examples' lengths and offsets alone (`token_slots`): the caller computes each
+packed token from (example, index inside it), so nothing is built at the full row width per example.
 """
 
 from __future__ import annotations
@@ -21,67 +24,84 @@ from objectives.base import IGNORE_INDEX
 SWITCHES = ("pack", "doc_attention")  # objective fields that, when true, put several examples in a row
 
 
+class FirstFit:
+    """First-fit in drawn order (module docstring) of examples into `rows` rows of `width` tokens, fed in rounds:
+    `add(lengths)` places the next examples until one fits nowhere. A loop over examples, not tokens."""
+
+    def __init__(self, rows: int, width: int):
+        self.width, self.rows = width, rows
+        self.used = np.zeros(rows, np.int64)  # tokens in each row
+        self.opened = 0
+        self.row: list[int] = []
+        self.off: list[int] = []
+        self.full = False  # an example fitted nowhere: the batch is complete
+
+    def add(self, lengths: np.ndarray) -> bool:
+        """Place these examples after the ones before; returns whether the batch is complete (False: every
+        example was placed, and more are needed to fill the rows)."""
+        used, width = self.used, self.width
+        for n in lengths.tolist():
+            if self.opened:
+                fits = used[: self.opened] <= width - n
+                r = int(fits.argmax())
+                if not fits[r]:
+                    r = -1
+            else:
+                r = -1
+            if r < 0:
+                if self.opened == self.rows or n > width:
+                    self.full = True
+                    return True
+                r, self.opened = self.opened, self.opened + 1
+            self.row.append(r)
+            self.off.append(int(used[r]))
+            used[r] += n
+        return False
+
+    def placed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, offsets) of the examples placed so far, in drawn order."""
+        return np.asarray(self.row, np.int64), np.asarray(self.off, np.int64)
+
+
 def first_fit(lengths: np.ndarray, rows: int, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Row and offset of each of the first examples that fit, first-fit in drawn order (module docstring), into
-    `rows` rows of `width` tokens, and whether the batch ended on an example that fits nowhere (False: every
-    example was placed, and more are needed to fill the rows). A loop over examples, not tokens."""
-    row, off = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
-    used = np.zeros(rows, np.int64)  # tokens in each row
-    opened = 0
-    for i, n in enumerate(lengths.tolist()):
-        room = np.flatnonzero(used[:opened] + n <= width)
-        if len(room):
-            r = int(room[0])
-        elif opened < rows:
-            r, opened = opened, opened + 1
-        else:
-            return row[:i], off[:i], True
-        row[i], off[i] = r, used[r]
-        used[r] += n
-    return row, off, False
+    """Row and offset of each of the first examples that fit into `rows` rows of `width` tokens, and whether
+    the batch ended on an example that fits nowhere (`FirstFit` in one round)."""
+    packer = FirstFit(rows, width)
+    full = packer.add(lengths)
+    return (*packer.placed(), full)
 
 
-def in_row_order(row: np.ndarray, off: np.ndarray) -> np.ndarray:
-    """The permutation that sorts placed examples by row, then offset (what `place` and `per_example` expect)."""
-    return np.lexsort((off, row))
-
-
-def place(fields: dict[str, torch.Tensor], lengths: torch.Tensor, where: tuple[np.ndarray, np.ndarray],
-          shape: tuple[int, int], fill: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Packed rows (B, T) of per-token `fields` (each (N, W): example i's tokens are its first lengths[i]), the
-    examples at rows/offsets `where` (only the first len(where[0]) examples are placed); positions no example
-    fills hold `fill[name]`. Adds `example_ids` (B, T): 1, 2, ... for the examples of a row, 0 on padding."""
-    row, off = (torch.from_numpy(a) for a in where)
-    k, (B, T) = len(row), shape
-    n = lengths[:k]
-    ex = torch.repeat_interleave(torch.arange(k), n)  # (tokens,) the example of each placed token
-    local = torch.arange(int(n.sum())) - torch.repeat_interleave(n.cumsum(0) - n, n)  # (tokens,) index inside it
-    r, c = row[ex], off[ex] + local
-    out = {}
-    for name, t in fields.items():
-        packed = torch.full((B, T), fill[name], dtype=t.dtype)
-        packed[r, c] = t[ex, local]
-        out[name] = packed
-    slot = slots(row)  # (k,) the example's place in its row
-    ids = torch.zeros(B, T, dtype=torch.long)
-    ids[r, c] = slot[ex] + 1
-    out["example_ids"] = ids
+def slots(row: np.ndarray) -> np.ndarray:
+    """(k,) the place of each example within its row (0, 1, ...), examples in drawn order."""
+    order = np.argsort(row, kind="stable")
+    r = row[order]
+    idx = np.arange(len(r))
+    first = np.ones(len(r), bool)
+    first[1:] = r[1:] != r[:-1]
+    out = np.empty(len(r), np.int64)
+    out[order] = idx - np.maximum.accumulate(np.where(first, idx, 0))
     return out
 
 
-def slots(row: torch.Tensor) -> torch.Tensor:
-    """(k,) index of each example within its row, for examples placed in row order."""
-    idx = torch.arange(len(row))
-    first = torch.ones(len(row), dtype=torch.bool)
-    first[1:] = row[1:] != row[:-1]
-    return idx - torch.where(first, idx, 0).cummax(0).values
+def token_slots(lengths: np.ndarray, row: np.ndarray, off: np.ndarray, width: int):
+    """For the tokens of the placed examples (lengths[:k], at rows/offsets `row`, `off`): the example of each
+    (tokens,), its index inside it (tokens,), and its flat position row * width + column in the packed rows."""
+    n = lengths[: len(row)]
+    ex = np.repeat(np.arange(len(n)), n)
+    local = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    return ex, local, row[ex] * width + off[ex] + local
 
 
-def per_example(values: torch.Tensor, row: np.ndarray, rows: int) -> torch.Tensor:
+def example_ids(ex: np.ndarray, flat: np.ndarray, slot: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    """(B, T) 1, 2, ... for the examples of a row (their slot + 1), 0 on padding."""
+    ids = np.zeros(shape[0] * shape[1], np.int64)
+    ids[flat] = slot[ex] + 1
+    return torch.from_numpy(ids.reshape(shape))
+
+
+def per_example(values: torch.Tensor, row: np.ndarray, slot: np.ndarray, rows: int) -> torch.Tensor:
     """(rows, E) per-example values (an NSP label, say) at each example's slot, IGNORE_INDEX where a row has
     fewer than E examples."""
-    r = torch.from_numpy(row)
-    s = slots(r)
-    out = torch.full((rows, int(s.max()) + 1 if len(s) else 1), IGNORE_INDEX, dtype=values.dtype)
-    out[r, s] = values[: len(r)]
+    out = torch.full((rows, int(slot.max()) + 1 if len(slot) else 1), IGNORE_INDEX, dtype=values.dtype)
+    out[torch.from_numpy(row), torch.from_numpy(slot)] = values[: len(row)]
     return out

@@ -143,5 +143,5 @@ def test_bench_batches_rows_side_by_side(data):
     assert by["span"]["tokens_per_batch"] == 8 * 64 and by[f"span, raw {n_raw}"]["tokens_per_batch"] == 8 * n_raw
     assert by["clm"]["ours_fill"] == by["clm"]["peer_fill"] == 1.0 and by["prefix"]["peer_fill"] is None
     assert 0 < by["mlm"]["ours_fill"] <= 1 and 0 < by["mlm"]["peer_fill"] <= 1
-    assert by["mlm, pack"]["ours_fill"] > by["mlm"]["ours_fill"] and by["mlm, pack"]["target"] == 5e6  # fuller rows
-    assert by["mlm"]["target"] == 5e6 and by["span"]["target"] == 1e7 and by["clm"]["target"] is None
+    assert by["mlm, pack"]["ours_fill"] > by["mlm"]["ours_fill"] and by["mlm, pack"]["target"] == 1e7  # fuller rows
+    assert by["mlm"]["target"] == by["span"]["target"] == by["clm"]["target"] == 1e7

@@ -63,21 +63,30 @@ def test_packed_rows_hold_whole_pairs_with_their_own_segments():
 
 
 def test_packing_selects_nothing_the_pairs_are_the_drawn_prefix():
-    """The packed pairs are the first pairs drawn from the same generator (BERT's `_sentence_pairs`, in rounds
-    until the rows are full), each where first-fit put it: packing keeps every one until then, long or short,
-    IsNext or NotNext."""
+    """The packed pairs are the first pairs drawn from the same generator (BERT's pairs, in rounds until the rows
+    are full), each where first-fit put it: packing keeps every one until then, long or short, IsNext or
+    NotNext."""
     gen_a, gen_b = make_generator(3), make_generator(3)
     b = PACKED.batch(SPLIT, VOCAB, gen_a, 8, 128)
-    drawn, lengths, row, off = _pairs_for_rows(SPLIT, VOCAB, gen_b, 8, 128, PACKED.short_seq_prob)
+    spans, row, off = _pairs_for_rows(SPLIT, gen_b, 8, 128, PACKED.short_seq_prob)
+    tok = torch.from_numpy(SPLIT.tokens.astype(np.int64))
+
+    def drawn(k: int) -> torch.Tensor:  # pair k as BERT writes it: [CLS] A [SEP] B [SEP]
+        a0, la, b0, lb = (int(spans[f][k]) for f in ("a0", "la", "b0", "lb"))
+        cls, sep = torch.tensor([VOCAB.cls]), torch.tensor([VOCAB.sep])
+        return torch.cat([cls, tok[a0:a0 + la], sep, tok[b0:b0 + lb], sep])
+
     first = _sentence_pairs(SPLIT, VOCAB, make_generator(3), 16, 128, PACKED.short_seq_prob)
-    assert torch.equal(drawn["input_ids"][:16], first["input_ids"])  # round one: BERT's pairs as drawn
-    assert sum(len(examples(b, i)) for i in range(8)) == len(row)  # every placed pair, no other
+    for k in range(16):  # round one: BERT's pairs as drawn
+        n = int(first["attention_mask"][k].sum())
+        assert torch.equal(drawn(k), first["input_ids"][k, :n])
+    assert sum(len(examples(b, i)) for i in range(8)) == len(row) >= 8  # every placed pair, no other
     for k in range(len(row)):  # drawn pair k sits where first-fit put it, masks undone
-        i, n = int(row[k]), int(lengths[k])
+        i, x = int(row[k]), drawn(k)
         [(span, e)] = [(sp, e) for sp, e in examples(b, i) if sp.start == off[k]]
         original = torch.where(b["labels"][i, span] != IGNORE_INDEX, b["labels"][i, span], b["input_ids"][i, span])
-        assert span.stop - span.start == n and torch.equal(original, drawn["input_ids"][k, :n])
-        assert b["next_sentence_label"][i, e - 1] == drawn["next_sentence_label"][k]
+        assert span.stop - span.start == len(x) and torch.equal(original, x)
+        assert b["next_sentence_label"][i, e - 1] == int(spans["not_next"][k])
 
 
 def test_packed_statistics_are_berts():
@@ -97,6 +106,42 @@ def test_packed_statistics_are_berts():
     rate = float(np.mean(labels))
     assert abs(rate - 0.5) < 5 * math.sqrt(0.25 / len(labels)), (rate, len(labels))
     assert n_pairs == len(labels) > 500
+
+
+@pytest.mark.parametrize("kw", [dict(whole_word=True), dict(selection="bernoulli", max_predictions=8),
+                                dict(max_predictions=6)])
+def test_packed_masking_budgets_each_pair_apart(kw):
+    """Masking works on the packed rows, each pair with its own budget and its own random order: whole words stay
+    whole within their pair, a cap holds per pair, and every candidate of a pair is as likely to be chosen
+    (the first and the last of each pair as often as the rest), so no pair borrows from or lends to another."""
+    vocab = Vocab.synthetic(1000, word_start_every=3)
+    split = make_split(unique=False, vocab_size=1000)
+    obj = MaskedLM(pack=True, **kw)
+    first, last, taken, cands, n_pairs = 0, 0, 0, 0, 0
+    for s in range(30):
+        b = obj.batch(split, vocab, make_generator(s), 16, 128)
+        clean = torch.where(b["labels"] != IGNORE_INDEX, b["labels"], b["input_ids"])
+        for i in range(16):
+            for span, _ in examples(b, i):
+                x, sel = clean[i, span], b["labels"][i, span] != IGNORE_INDEX
+                cand = ~vocab.special_t[x]
+                n, k = span.stop - span.start, int(sel.sum())
+                if kw.get("whole_word"):
+                    cont = cand & torch.nn.functional.pad(cand[:-1], (1, 0)) & ~vocab.word_start_t[x]
+                    assert (sel[cont] == torch.nn.functional.pad(sel[:-1], (1, 0))[cont]).all()
+                    assert k <= max(1, round(n * 0.15))
+                else:
+                    assert k <= obj.max_predictions
+                    if obj.selection == "exact":
+                        assert k == min(obj.max_predictions, max(1, round(n * 0.15)))
+                    c = cand.nonzero().flatten()
+                    first, last = first + int(sel[c[0]]), last + int(sel[c[-1]])
+                taken, cands, n_pairs = taken + k, cands + int(cand.sum()), n_pairs + 1
+    assert n_pairs > 300 and taken > 0
+    if not kw.get("whole_word"):
+        rate = taken / cands  # every candidate is chosen at this rate, the edges of a pair too
+        for edge in (first, last):
+            assert abs(edge / n_pairs - rate) < 5 * math.sqrt(rate * (1 - rate) / n_pairs), (edge, n_pairs, rate)
 
 
 def test_a_packed_classifier_scores_each_example_as_alone():
