@@ -33,7 +33,8 @@ def stream_windows(split: TokenSplit, starts: torch.Tensor, length: int, sep: in
     """Windows of the document stream with `sep` after every document, gathered without a Python loop.
 
     In the virtual stream document d occupies [doc_offsets[d] + d, doc_offsets[d+1] + d) and its
-    separator sits at doc_offsets[d+1] + d. starts (B,) are virtual positions; returns (B, length) int64.
+    separator sits at doc_offsets[d+1] + d. starts (B,) are virtual positions; returns (B, length) int64. A window
+    may run past the stream's end (RoBERTa's blocks cut theirs short): what it holds there is unspecified.
     Only each window's first and last positions are looked up among the documents; the separators between
     them are marked from the documents' ends, and a running count of them gives every position's document d,
     hence its real position v - d (a separator counts with the next document, so it reads its own document's
@@ -53,7 +54,7 @@ def stream_windows(split: TokenSplit, starts: torch.Tensor, length: int, sep: in
     is_sep = torch.from_numpy(mark[:, :length].astype(bool))
     d = torch.from_numpy(d0)[:, None] + torch.from_numpy(mark[:, :length]).cumsum(1)  # (B, L) (next one on a sep)
     real = (starts[:, None] + torch.arange(length) - d).numpy()  # position in the real token array
-    ids = torch.from_numpy(split.tokens[real].astype(np.int64))
+    ids = torch.from_numpy(split.tokens[np.minimum(real, split.n_tokens - 1)].astype(np.int64))  # past the end: any
     return ids.masked_fill_(is_sep, sep)
 
 

@@ -138,6 +138,8 @@ def test_stream_windows_are_the_joined_stream_at_every_start_and_length():
         got = stream_windows(split, starts, length, 3).numpy()
         want = np.stack([stream[s:s + length] for s in starts.tolist()])
         assert (got == want).all(), length
+    past = stream_windows(split, torch.tensor([len(stream) - 3]), 8, 3)  # runs past the end: its start still reads
+    assert past[0, :3].tolist() == stream[-3:].tolist()
 
 
 def test_clm_doc_attention_opens_an_example_at_each_eos():
