@@ -215,6 +215,13 @@ def lm_terms(labels: torch.Tensor, name: str, label_smoothing: float = 0.0):
     return project
 
 
+def _add_at_labels(g: torch.Tensor, yk: torch.Tensor, value: float) -> None:
+    """g[i, yk[i]] += value for every row i, in place. An indexed put: torch's CPU scatter_add_ on bf16 copies
+    the whole (n, V) tensor to fp32 and back (4 ms a chunk of 524 x 8000, 12% of a tiny GPT-2 step)."""
+    rows = torch.arange(g.size(0), device=g.device)
+    g.index_put_((rows, yk[:, 0]), torch.full_like(rows, 0, dtype=g.dtype).fill_(value), accumulate=True)
+
+
 def _chunk_fp32(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing: float):
     """One chunk's (smoothed) loss, NLL and hits per row, and the gradient w.r.t. its logits z (n, V), in fp32:
     one log_softmax pass (max-with-indices, exp, sum and divide apart cost twice as much on CPU)."""
@@ -227,7 +234,7 @@ def _chunk_fp32(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing
     g = lp.exp_()  # the softmax, in place of the log-probabilities
     if smoothing:
         g -= smoothing / g.size(1)
-    g.scatter_add_(1, yk, torch.full_like(g[:, :1], smoothing - 1.0))
+    _add_at_labels(g, yk, smoothing - 1.0)
     return loss, nll, hit, g
 
 
@@ -249,7 +256,7 @@ def _chunk_bf16(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing
         mean_lp = z.mean(-1, dtype=torch.float32) - (zy - logp)
         loss = nll * (1 - smoothing) - mean_lp.masked_fill_(~keep, 0) * smoothing
         g -= smoothing / g.size(1)
-    g.scatter_add_(1, yk, torch.full_like(g[:, :1], smoothing - 1.0))
+    _add_at_labels(g, yk, smoothing - 1.0)
     return loss, nll, hit, g
 
 
