@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +42,23 @@ GATED = ("geglu", "swiglu")
 """Activations of the gated FFN (Shazeer 2020): act(x W) * (x V), two input projections."""
 
 
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). In bf16 on CPU it is evaluated by the erf
+    GELU kernel: torch's CPU tanh-GELU runs 5.5x slower than its erf one there (forward 1.8 against 0.33 ms on
+    16 x 128 x 1024 here, backward 1.9 against 0.7), 10% of a tiny GPT-2 step, while the two functions differ by
+    at most 4.7e-4 (at x = 2.7, where bf16's spacing is 0.016): over every bf16 input in [-12, 12] the output is
+    within that gap plus one bf16 rounding of the exact tanh form, its gradient within 1.5e-3 plus one
+    (tests/test_transformer.py). fp32, fp16 and accelerators keep the tanh form."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return F.gelu(x)
+    return F.gelu(x, approximate="tanh")
+
+
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
     """The elementwise non-linearity; a gated variant returns the function applied to its gate."""
     return {
         "gelu": F.gelu,  # erf form (BERT)
-        "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's approximation
+        "gelu_tanh": gelu_tanh,  # GPT-2's approximation
         "relu": F.relu,  # Vaswani et al., T5 v1.0
         "geglu": F.gelu,
         "swiglu": F.silu,

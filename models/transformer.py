@@ -44,6 +44,7 @@ Deliberate deviations (each small; say so if a recipe needs the original):
   fixed unit-amplitude table does not drown embeddings initialised at std 0.02.
 - `max_len` is enforced for every position kind, not just the tables: it is the trained context.
 - BART's learned-position offset of 2 and its frozen final_logits_bias are left out.
+- GPT-2's tanh GELU is evaluated as the erf GELU in bf16 on CPU: they differ by under 4.7e-4 (`gelu_tanh`).
 - A query with no real key (a fully padded row) attends uniformly to all keys instead of producing NaN;
   its output is garbage but finite and never read.
 """

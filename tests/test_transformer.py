@@ -348,3 +348,28 @@ def test_bf16_cpu_attention_follows_the_fp32_model(kind, monkeypatch):
             out = model(x, **kw).logits.float()
         assert bool(calls) == used
         assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_gelu_tanh_in_bf16_is_gpt2s_formula_to_bf16_rounding():
+    """bf16 on CPU evaluates GPT-2's tanh GELU with the erf kernel (models/layers.py `gelu_tanh`): over every bf16
+    input in [-12, 12] the output is within the functions' 4.7e-4 gap plus one bf16 step of the exact tanh form,
+    and so is its gradient (within 1.5e-3 plus a step); fp32 keeps the tanh form itself."""
+    from models.layers import gelu_tanh
+
+    x = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = x[torch.isfinite(x) & (x.abs() <= 12)].clone().requires_grad_()
+    exact = x.detach().double().requires_grad_()
+    want = torch.nn.functional.gelu(exact, approximate="tanh")
+    want.sum().backward()
+    y = gelu_tanh(x)
+    y.float().sum().backward()
+
+    def step(ref: torch.Tensor) -> torch.Tensor:  # bf16's spacing at ref (8 significant bits)
+        return 2.0 ** (torch.frexp(ref.float()).exponent.double() - 8)
+
+    want = want.detach()
+    assert y.dtype == torch.bfloat16 and ((y.detach().double() - want).abs() <= 4.8e-4 + step(want)).all()
+    assert ((x.grad.double() - exact.grad).abs() <= 1.5e-3 + step(exact.grad)).all()
+    assert (y.detach().double() != want.to(torch.bfloat16).double()).sum() > 100  # the erf kernel, not the tanh one
+    xf = torch.linspace(-6, 6, 1001)
+    assert torch.equal(gelu_tanh(xf), torch.nn.functional.gelu(xf, approximate="tanh"))
