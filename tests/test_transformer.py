@@ -373,3 +373,35 @@ def test_gelu_tanh_in_bf16_is_gpt2s_formula_to_bf16_rounding():
     assert (y.detach().double() != want.to(torch.bfloat16).double()).sum() > 100  # the erf kernel, not the tanh one
     xf = torch.linspace(-6, 6, 1001)
     assert torch.equal(gelu_tanh(xf), torch.nn.functional.gelu(xf, approximate="tanh"))
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's own, on bf16 input
+def test_rmsnorm_is_torchs_with_an_exact_gradient():
+    """models/layers.py RMSNorm: its hand-written backward passes gradcheck in float64, and forward, input and
+    weight gradients match `nn.RMSNorm` in fp32, under bf16 autocast (fp32 out, as torch's) and on bf16 input."""
+    from models.layers import RMSNorm, _RMSNormFn
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(7, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFn.apply(x, w, 1e-6), (x, w))
+    ours, ref = RMSNorm(64, eps=1e-6), torch.nn.RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(1 + 0.3 * torch.randn(64))
+        ref.weight.copy_(ours.weight)
+    cases = ((torch.float32, False, 1e-5), (torch.float32, True, 1e-5), (torch.bfloat16, False, 3e-2))
+    for dtype, autocast, tol in cases:
+        x = torch.randn(4, 9, 64).mul_(3).to(dtype).requires_grad_()
+        g = torch.randn(4, 9, 64)
+        outs = []
+        for m in (ours, ref):
+            x.grad, m.weight.grad = None, None
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                y = m(x)
+            y.backward(g.to(y.dtype))
+            outs.append((y.detach(), x.grad.float(), m.weight.grad.clone()))
+        (y1, dx1, dw1), (y2, dx2, dw2) = outs
+        assert y1.dtype == y2.dtype
+        y1, y2 = y1.float(), y2.float()
+        scale = max(1.0, float(dw2.abs().max()))
+        assert (y1 - y2).abs().max() < tol and (dx1 - dx2).abs().max() < tol and (dw1 - dw2).abs().max() < tol * scale
