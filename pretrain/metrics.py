@@ -4,6 +4,7 @@ is measured against."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -105,7 +106,9 @@ class TrainLog:
     figures of the run summary.
 
     MFU = training FLOPs per input token (`Transformer.flops_per_token`, the decoder length from the
-    objective) x tokens/s per rank / the dense matmul peak measured at start in the run's precision.
+    objective) x tokens/s per rank / the dense matmul peak measured at start in the run's precision. An
+    interval's tokens/s and MFU count training time only: evaluation and checkpoints are left out (`paused`),
+    so an interval holding one no longer reads as half the speed; the run summary's tokens/s is over wall time.
     """
 
     def __init__(self, cfg: Config, engine: Engine, run: RunDir | None, console: Console, state: TrainState,
@@ -170,6 +173,15 @@ class TrainLog:
         self.progress.update(self.task, completed=state.step, info=f"loss {rec.get(self.main_term, math.nan):.4f} "
                              f"lr {lr:.2e} {rec['tokens_per_s']:,.0f} tok/s mfu {rec['mfu']:.1%}")
         self.meter, self.interval_t, self.interval_tok = Meter(), time.perf_counter(), 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside (an evaluation, a checkpoint) out of the interval's tokens/s and MFU."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.interval_t += time.perf_counter() - t0
 
     def _means(self) -> dict[str, float]:
         """The interval's mean of every term over all ranks (every rank calls this at the same steps)."""

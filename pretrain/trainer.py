@@ -214,7 +214,8 @@ def _loop(cfg: Config, run: runs.RunDir, engine: Engine, state: TrainState, data
                 saver.interrupted(ckpt.rng_state(), start)
                 raise KeyboardInterrupt
             if tc.ckpt_every and state.step % tc.ckpt_every == 0:  # maybe checkpoint
-                saver.save()
+                with log.paused():
+                    saver.save()
         last_eval = _eval_and_log(engine, cfg, data, state, log)
     state.elapsed = time.perf_counter() - t_start
     if saver.saved_step != state.step:
@@ -322,7 +323,8 @@ def train_step(obj: Objective, engine: Engine, micro: list[Batch], tc: TrainConf
 
 def _eval_and_log(engine: Engine, cfg: Config, data: Data, state: TrainState, log: TrainLog) -> dict:
     """Evaluate on the validation split, log it, and track the early-stopping state."""
-    res = evaluate(engine.model, cfg, data.valid, data.vocab, engine.rt, cfg.train.eval_batches)
+    with log.paused():
+        res = evaluate(engine.model, cfg, data.valid, data.vocab, engine.rt, cfg.train.eval_batches)
     if res["loss"] < state.best_val - 1e-6:
         state.best_val, state.bad_evals = res["loss"], 0
     else:

@@ -191,6 +191,30 @@ def test_non_finite_loss_stops_with_the_step(corpus, tmp_path, monkeypatch):
     assert [p.name for p in (r / "checkpoints").iterdir()] == ["step_0000002"]
 
 
+def test_interval_speed_leaves_out_evaluation_and_checkpoints(corpus, tmp_path, monkeypatch):
+    """A logged interval's tokens/s (and MFU) count training time only: evaluations that take 0.5 s each inside
+    intervals of a few milliseconds' steps, and checkpoints, leave its figures where the other intervals are."""
+    import time
+
+    import pretrain.trainer as trainer
+
+    real = trainer.evaluate
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", slow)
+    r = tmp_path / "p"
+    res = run(["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "12", "--out", str(r),
+               *sets(*TINY, "train.eval_every=4", "train.ckpt_every=4")], tmp_path / "cache")
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
+    speeds = [rec["tokens_per_s"] for rec in recs if "split" not in rec][1:]  # the first holds the warm-up step
+    assert sum("split" in rec for rec in recs) == 3 and len(speeds) == 5
+    assert min(speeds) > max(speeds) / 4, speeds  # an evaluation counted in would make its interval ~25x slower
+
+
 GOLDEN = Path(__file__).parent / "golden" / "clm_tiny_curve.json"
 
 
