@@ -192,8 +192,8 @@ def test_non_finite_loss_stops_with_the_step(corpus, tmp_path, monkeypatch):
 
 
 def test_interval_speed_leaves_out_evaluation_and_checkpoints(corpus, tmp_path, monkeypatch):
-    """A logged interval's tokens/s (and MFU) count training time only: evaluations that take 0.5 s each inside
-    intervals of a few milliseconds' steps, and checkpoints, leave its figures where the other intervals are."""
+    """A logged interval's tokens/s (and MFU) count training time only: evaluations that take 0.6 s each inside
+    intervals of two ~5 ms steps, and checkpoints, leave its figures near the other intervals'."""
     import time
 
     import pretrain.trainer as trainer
@@ -201,7 +201,7 @@ def test_interval_speed_leaves_out_evaluation_and_checkpoints(corpus, tmp_path, 
     real = trainer.evaluate
 
     def slow(*args, **kwargs):
-        time.sleep(0.5)
+        time.sleep(0.6)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "evaluate", slow)
@@ -212,7 +212,7 @@ def test_interval_speed_leaves_out_evaluation_and_checkpoints(corpus, tmp_path, 
     recs = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
     speeds = [rec["tokens_per_s"] for rec in recs if "split" not in rec][1:]  # the first holds the warm-up step
     assert sum("split" in rec for rec in recs) == 3 and len(speeds) == 5
-    assert min(speeds) > max(speeds) / 4, speeds  # an evaluation counted in would make its interval ~25x slower
+    assert min(speeds) > max(speeds) / 10, speeds  # an evaluation counted in would make its interval ~50x slower
 
 
 GOLDEN = Path(__file__).parent / "golden" / "clm_tiny_curve.json"
