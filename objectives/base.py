@@ -193,6 +193,7 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
 
 
 LOGITS_PER_CHUNK = 1 << 22  # logits (rows x vocabulary) computed at once by `lm_terms`: 16 MB of fp32
+WHOLE_LOGIT_GRAD_BYTES = 1 << 27  # a bf16/fp16 logit gradient up to this size is kept whole (128 MB)
 
 
 def lm_terms(labels: torch.Tensor, name: str, label_smoothing: float = 0.0):
@@ -272,7 +273,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         b = bias.to(dtype) if bias is not None else None
         N, V = x_all.size(0), w.size(0)
         grad_h = torch.empty_like(x_all)
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=h.device)
+        # Low precision: the logit gradient kept whole when it fits, so that W's gradient is one matmul and one
+        # fp32 conversion instead of a conversion and an add per chunk; fp32 accumulates W's in place (addmm_).
+        g_all = torch.empty(N, V, dtype=dtype, device=h.device) if (
+            dtype != torch.float32 and N * V * x_all.element_size() <= WHOLE_LOGIT_GRAD_BYTES) else None
+        grad_w = None if g_all is not None else torch.zeros(w.shape, dtype=torch.float32, device=h.device)
         grad_b = torch.zeros(V, dtype=torch.float32, device=h.device) if bias is not None else None
         sums = torch.zeros(3, dtype=torch.float64, device=h.device)  # loss, nll, correct
         rows = max(1, LOGITS_PER_CHUNK // V)
@@ -290,8 +295,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += g.sum(0)
             g = g.to(dtype)
+            if g_all is not None:
+                g_all[i:i + rows] = g
+                continue
             grad_h[i:i + rows] = g @ w
-            grad_w += (g.t() @ x).float()
+            if dtype == torch.float32:
+                grad_w.addmm_(g.t(), x)
+            else:
+                grad_w += (g.t() @ x).float()
+        if g_all is not None:
+            torch.mm(g_all, w, out=grad_h)
+            grad_w = (g_all.t() @ x_all).float()
+            del g_all
         ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else torch.empty(0))
         ctx.has_bias, ctx.dtypes = bias is not None, (h.dtype, weight.dtype)
         n = (labels != IGNORE_INDEX).sum()
