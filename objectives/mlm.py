@@ -200,13 +200,13 @@ class MaskedLM(Objective):
             take = self._budgeted(score, word_len, input_ids != vocab.pad, example_ids, wid, cand)
         sel = (take.gather(1, wid) if wid is not None else take) & cand  # (B, T) selected pieces
 
-        u = torch.rand(B, T, generator=gen)  # one uniform decides [MASK] / random / unchanged per piece
-        to_mask = sel & (u < self.mask_frac)
-        to_rand = sel & (u >= self.mask_frac) & (u < self.mask_frac + self.random_frac)
-        ids = input_ids.masked_fill(to_mask, vocab.mask)
+        flat = sel.reshape(-1).nonzero()[:, 0]  # the selected pieces, row-major
+        u = torch.rand(len(flat), generator=gen)  # one uniform each decides [MASK] / random / unchanged
+        rand = flat[(u >= self.mask_frac) & (u < self.mask_frac + self.random_frac)]
+        ids = input_ids.clone(memory_format=torch.contiguous_format)
+        ids.view(-1)[flat[u < self.mask_frac]] = vocab.mask
         ordinary = vocab.ordinary_ids
-        n_rand = int(to_rand.sum())
-        ids[to_rand] = ordinary[torch.randint(len(ordinary), (n_rand,), generator=gen)]
+        ids.view(-1)[rand] = ordinary[torch.randint(len(ordinary), (len(rand),), generator=gen)]
         labels = input_ids.masked_fill(~sel, IGNORE_INDEX)
         return ids, labels
 
