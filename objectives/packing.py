@@ -105,3 +105,26 @@ def per_example(values: torch.Tensor, row: np.ndarray, slot: np.ndarray, rows: i
     out = torch.full((rows, int(slot.max()) + 1 if len(slot) else 1), IGNORE_INDEX, dtype=values.dtype)
     out[torch.from_numpy(row), torch.from_numpy(slot)] = values[: len(row)]
     return out
+
+
+def within_examples(score: torch.Tensor, word_len: torch.Tensor, group: torch.Tensor):
+    """Words (or pieces) of packed rows (B, T) in random order within each example, for masking each example with
+    its own budget (objectives/mlm.py). One int64 key per word holds its example, its score and its position
+    (high to low bits), so sorting the keys' values orders the examples apart, each by score, and carries the
+    positions along: 2-3x faster than an argsort. The score is exact in 26 bits: torch.rand's float32 draws on
+    CPU are multiples of 2^-24, and 2.0 marks a non-word. Returns, in that order, the word positions, their
+    scores, each word's running piece count from its example's start, and its example; all (B, T)."""
+    B, T = score.shape
+    pos_bits = max(1, (T - 1).bit_length())
+    key = (group.numpy().astype(np.int64) << (pos_bits + 26)) | ((score.numpy() * 2.0**24).astype(np.int64) << pos_bits)
+    key |= np.arange(T)
+    key.sort(axis=1)
+    order = torch.from_numpy(key & ((1 << pos_bits) - 1))
+    sorted_score = torch.from_numpy(((key >> pos_bits) & ((1 << 26) - 1)).astype(np.float32) * 2.0**-24)
+    g = torch.from_numpy(key >> (pos_bits + 26))
+    sizes = word_len.gather(1, order)
+    count = sizes.cumsum(1)
+    first = torch.ones_like(g, dtype=torch.bool)
+    first[:, 1:] = g[:, 1:] != g[:, :-1]
+    count -= torch.where(first, count - sizes, 0).cummax(1).values  # pieces before, within the example
+    return order, sorted_score, count, g
