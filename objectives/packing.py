@@ -116,6 +116,8 @@ def within_examples(score: torch.Tensor, word_len: torch.Tensor, group: torch.Te
     scores, each word's running piece count from its example's start, and its example; all (B, T)."""
     B, T = score.shape
     pos_bits = max(1, (T - 1).bit_length())
+    if int(group.max()).bit_length() > 63 - 26 - pos_bits:  # rows of millions of tokens holding ~1M examples
+        raise ValueError(f"{int(group.max())} examples in a row of {T} do not fit one sort key")
     key = (group.numpy().astype(np.int64) << (pos_bits + 26)) | ((score.numpy() * 2.0**24).astype(np.int64) << pos_bits)
     key |= np.arange(T)
     key.sort(axis=1)
