@@ -220,7 +220,7 @@ def _add_at_labels(g: torch.Tensor, yk: torch.Tensor, value: float) -> None:
     """g[i, yk[i]] += value for every row i, in place. An indexed put: torch's CPU scatter_add_ on bf16 copies
     the whole (n, V) tensor to fp32 and back (4 ms a chunk of 524 x 8000, 12% of a tiny GPT-2 step)."""
     rows = torch.arange(g.size(0), device=g.device)
-    g.index_put_((rows, yk[:, 0]), torch.full_like(rows, 0, dtype=g.dtype).fill_(value), accumulate=True)
+    g.index_put_((rows, yk[:, 0]), torch.full((g.size(0),), value, dtype=g.dtype, device=g.device), accumulate=True)
 
 
 def _chunk_fp32(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing: float):

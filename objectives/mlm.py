@@ -214,8 +214,8 @@ class MaskedLM(Objective):
                   example_ids: torch.Tensor | None, wid: torch.Tensor | None, cand: torch.Tensor) -> torch.Tensor:
         """(B, T) the words taken in random order (by `score`) while the sequence's piece count stays within its
         budget: BERT's round(n x mask_prob) (n its real tokens), or max_predictions with bernoulli coins.
-        Packed rows sort each example's words apart (example number + score, in float64, so exactly) and count
-        each from its own start."""
+        Packed rows sort each example's words apart (`packing.within_examples`: one int64 key of example, score
+        and position) and count each from its own start."""
         p, B = self.mask_prob, score.size(0)
         if example_ids is None:
             n_real = real.sum(1, keepdim=True)  # (B, 1) BERT's n: every real token, [CLS]/[SEP] included
