@@ -172,9 +172,8 @@ def ce_terms(logits: torch.Tensor, labels: torch.Tensor, name: str, label_smooth
     keep = labels != IGNORE_INDEX
     n = keep.sum()
     loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing)
-    with torch.no_grad():  # the label's logit is the top one (a tie counts, as in `lm_terms`)
-        hit = logits.gather(1, labels.clamp(min=0)[:, None])[:, 0] >= logits.amax(-1)
-        correct = (hit & keep).sum()
+    with torch.no_grad():
+        correct = (top_hit(logits, labels.clamp(min=0)[:, None]) & keep).sum()
     out: Terms = {f"{name}_loss": (loss, n), f"{name}_acc": (correct, n)}
     if label_smoothing > 0:
         with torch.no_grad():
@@ -216,6 +215,12 @@ def lm_terms(labels: torch.Tensor, name: str, label_smoothing: float = 0.0):
     return project
 
 
+def top_hit(z: torch.Tensor, yk: torch.Tensor) -> torch.Tensor:
+    """(n,) whether each row's label logit (yk (n, 1)) is its top one, a tie counting as a hit: the accuracy test
+    of `ce_terms` and of both fused chunk functions."""
+    return z.gather(1, yk)[:, 0] >= z.amax(-1)
+
+
 def _add_at_labels(g: torch.Tensor, yk: torch.Tensor, value: float) -> None:
     """g[i, yk[i]] += value for every row i, in place. An indexed put: torch's CPU scatter_add_ on bf16 copies
     the whole (n, V) tensor to fp32 and back (4 ms a chunk of 524 x 8000, 12% of a tiny GPT-2 step)."""
@@ -227,7 +232,7 @@ def _chunk_fp32(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing
     """One chunk's (smoothed) loss, NLL and hits per row, and the gradient w.r.t. its logits z (n, V), in fp32:
     one log_softmax pass (max-with-indices, exp, sum and divide apart cost twice as much on CPU)."""
     z = z.float()
-    hit = z.gather(1, yk)[:, 0] >= z.amax(-1)  # the label's logit is the top one (a tie counts)
+    hit = top_hit(z, yk)
     lp = torch.log_softmax(z, -1)
     del z
     nll = (-lp.gather(1, yk)[:, 0]).masked_fill_(~keep, 0)
@@ -245,8 +250,7 @@ def _chunk_bf16(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing
     -log p[label] in fp32 from them (within 0.004 nats of the fp32 figure; bf16 keeps fp32's exponent range, and
     a label probability that still underflows is recomputed in fp32). 6% of a tiny GPT-2 step here."""
     g = torch.softmax(z, -1)  # (n, V) bf16
-    z_label = z.gather(1, yk)[:, 0]
-    hit, zy = z_label >= z.amax(-1), z_label.float()
+    hit, zy = top_hit(z, yk), z.gather(1, yk)[:, 0].float()
     logp = g.gather(1, yk)[:, 0].float().log()
     lost = torch.isinf(logp) & keep
     if bool(lost.any()):  # a label more than ~87 nats below the top: its probability is 0 in bf16 too
