@@ -34,7 +34,6 @@ class FirstFit:
         self.opened = 0
         self.row: list[int] = []
         self.off: list[int] = []
-        self.full = False  # an example fitted nowhere: the batch is complete
 
     def add(self, lengths: np.ndarray) -> bool:
         """Place these examples after the ones before; returns whether the batch is complete (False: every
@@ -49,8 +48,7 @@ class FirstFit:
             else:
                 r = -1
             if r < 0:
-                if self.opened == self.rows or n > width:
-                    self.full = True
+                if self.opened == self.rows or n > width:  # fits nowhere: the batch is complete
                     return True
                 r, self.opened = self.opened, self.opened + 1
             self.row.append(r)
@@ -61,14 +59,6 @@ class FirstFit:
     def placed(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, offsets) of the examples placed so far, in drawn order."""
         return np.asarray(self.row, np.int64), np.asarray(self.off, np.int64)
-
-
-def first_fit(lengths: np.ndarray, rows: int, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Row and offset of each of the first examples that fit into `rows` rows of `width` tokens, and whether
-    the batch ended on an example that fits nowhere (`FirstFit` in one round)."""
-    packer = FirstFit(rows, width)
-    full = packer.add(lengths)
-    return (*packer.placed(), full)
 
 
 def slots(row: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from models.config import Arch, ModelConfig
 from models.transformer import Transformer
 from objectives.base import IGNORE_INDEX, make_generator
 from objectives.mlm import MaskedLM, _pairs_for_rows, _sentence_pairs
-from objectives.packing import first_fit
+from objectives.packing import FirstFit
 from pretrain.tokenizer import N_SPECIAL, Vocab
 
 PACKED = MaskedLM(pack=True)
@@ -31,6 +31,13 @@ def examples(b: dict, i: int) -> list[tuple[slice, int]]:
                 out.append((slice(start, j), ex[start]))
             start = j
     return out
+
+
+def first_fit(lengths: np.ndarray, rows: int, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """`FirstFit` in one round: rows, offsets, and whether an example fitted nowhere."""
+    packer = FirstFit(rows, width)
+    full = packer.add(lengths)
+    return (*packer.placed(), full)
 
 
 def test_first_fit_keeps_a_prefix_and_fills_tails():
