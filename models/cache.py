@@ -77,6 +77,14 @@ def self_attention_mask(
     return torch.where(allowed, bias, float("-inf")), False  # (B|1, nh, T, L)
 
 
+def position_ids(T: int, past: int, key_mask: Tensor | None, device: torch.device) -> Tensor:
+    """Absolute positions of the T new tokens (B|1, T): the count of real tokens before each one."""
+    if key_mask is None:
+        return torch.arange(past, past + T, device=device)[None]  # (1, T)
+    m = key_mask.long()  # (B, L)
+    return (m.cumsum(1) - m)[:, past:]  # (B, T); a pad takes the position of the next real token
+
+
 def packed_masks(example_ids: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Positions and attention of rows that pack several examples, as HF's `DataCollatorWithFlattening` and
     modded-nanogpt's document masks do: example_ids (B, T) number each row's examples 1, 2, ... in order (0 =
@@ -91,6 +99,14 @@ def packed_masks(example_ids: Tensor, key_mask: Tensor | None) -> tuple[Tensor, 
     if key_mask is not None:
         keys &= key_mask[:, None, :]
     return (idx - start).clamp(max=T - 1), keys
+
+
+def packed_cross_mask(query_ids: Tensor, key_ids: Tensor) -> Tensor:
+    """(B, 1, T, S) bool cross-attention mask of packed encoder-decoder rows: a decoder token (query_ids (B, T),
+    `packed_masks` numbering) sees the encoder tokens of its own example only (key_ids (B, S)); a query with none
+    (padding) sees all: finite, ignored."""
+    allowed = (query_ids[:, :, None] == key_ids[:, None, :]) & (key_ids > 0)[:, None, :]
+    return (allowed | ~allowed.any(-1, keepdim=True))[:, None]
 
 
 def first_tokens(example_ids: Tensor) -> Tensor:

@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.cache import KVCache, first_tokens, packed_masks, padding_mask, self_attention_mask
+from models import cache as kv
+from models.cache import KVCache, first_tokens, packed_masks, padding_mask, position_ids, self_attention_mask
 from models.config import Arch, ModelConfig
 from models.layers import Block, Context, RelativeBias, activation_fn, make_norm, rope_angles, sinusoid_table
 
@@ -240,14 +241,6 @@ class Transformer(nn.Module):
             x = x + (self.segment(token_type_ids) if token_type_ids is not None else self.segment.weight[0])
         return x
 
-    @staticmethod
-    def position_ids(T: int, past: int, key_mask: Tensor | None, device: torch.device) -> Tensor:
-        """Absolute positions of the T new tokens (B|1, T): the count of real tokens before each one."""
-        if key_mask is None:
-            return torch.arange(past, past + T, device=device)[None]  # (1, T)
-        m = key_mask.long()  # (B, L)
-        return (m.cumsum(1) - m)[:, past:]  # (B, T); a pad takes the position of the next real token
-
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                example_ids: Tensor | None = None):
         """Run the encoder: input_ids (B, S), attention_mask (B, S) 1 = real -> hidden states (B, S, C).
@@ -261,7 +254,7 @@ class Transformer(nn.Module):
         if example_ids is not None:
             pos, key_mask = packed_masks(example_ids, key_mask)
             return self.encoder(x, pos, key_mask)
-        return self.encoder(x, self.position_ids(S, 0, key_mask, x.device), key_mask)
+        return self.encoder(x, position_ids(S, 0, key_mask, x.device), key_mask)
 
     def decode_hidden(
         self,
@@ -272,20 +265,23 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         example_ids: Tensor | None = None,
+        memory_example_ids: Tensor | None = None,
     ) -> Tensor:
         """Decoder hidden states (B, T, C) of the new tokens ids (B, T); see `decode`. example_ids (B, T): several
-        examples packed in a row of a decoder-only model, trained without a cache (`packed_masks`)."""
+        examples packed in a row, trained without a cache (`packed_masks`); an encoder-decoder's also number the
+        packed encoder rows (memory_example_ids (B, S)), each decoder token seeing its own example's only."""
         if self.decoder is None:
             raise ValueError("decode() needs a decoder; this is an encoder-only model")
         B, T = ids.shape
         past = cache.length if cache is not None else 0
         self.check_length(past + T)
         new_mask = attention_mask.bool() if attention_mask is not None else None
-        if example_ids is not None:
-            if cache is not None or self.encoder is not None:
-                raise ValueError("packed rows (example_ids) train a decoder-only model, without a cache")
+        if example_ids is not None or memory_example_ids is not None:
+            if cache is not None or (self.encoder is not None and (example_ids is None or memory_example_ids is None)):
+                raise ValueError("packed rows train without a cache, numbering an encoder-decoder's both stacks")
             pos, key_mask = packed_masks(example_ids, new_mask)
-            return self.decoder(self.embed_tokens(ids, token_type_ids), pos, key_mask)
+            cross = kv.packed_cross_mask(example_ids, memory_example_ids) if self.encoder is not None else None
+            return self.decoder(self.embed_tokens(ids, token_type_ids), pos, key_mask, memory, cross)
         key_mask = cache.grow_mask(new_mask, B, T) if cache is not None else new_mask  # (B, L) or None
         cross_mask = None
         if self.encoder is not None:
@@ -298,7 +294,7 @@ class Transformer(nn.Module):
                 if cache is not None:
                     cache.memory_mask = cross_mask
         x = self.embed_tokens(ids, token_type_ids)
-        h = self.decoder(x, self.position_ids(T, past, key_mask, x.device), key_mask, memory, cross_mask, cache)
+        h = self.decoder(x, position_ids(T, past, key_mask, x.device), key_mask, memory, cross_mask, cache)
         if cache is not None:
             cache.length += T
         return h
@@ -330,26 +326,27 @@ class Transformer(nn.Module):
         output_mask: Tensor | None = None,
         project: Projection | None = None,
         example_ids: Tensor | None = None,
+        decoder_example_ids: Tensor | None = None,
     ) -> ModelOutput:
         """Training forward pass (module docstring): logits for every decoder position (decoder-only and
         encoder-decoder) or every input position (encoder); with output_mask (B, T) bool only for the
         selected positions, (N, V) in row-major order. With `project` the logits field holds what
         project(hidden (N|B, T, C), output weight (V, C), bias (V,) | None) returns instead: the caller's own
         projection runs inside the forward pass (where a sharded model's weights are gathered), and the model
-        still computes no loss of its own. example_ids (B, T) pack several examples in an encoder's or a
-        decoder-only model's rows: attention stays within each, positions restart at each (`packed_masks`)."""
+        still computes no loss of its own. example_ids (B, T) pack several examples in a row: attention stays
+        within each, positions restart at each (`packed_masks`); an encoder-decoder takes them for its encoder
+        rows and decoder_example_ids (B, T_dec) for its decoder rows, the same examples in the same order."""
         if self.arch.kind == "encoder":
             h = self.encode(input_ids, attention_mask, token_type_ids, example_ids)
         elif self.arch.kind == "decoder":
             h = self.decode_hidden(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                    example_ids=example_ids)
         else:
-            if example_ids is not None:
-                raise ValueError("example_ids pack the rows of an encoder or a decoder-only model")
             if decoder_input_ids is None:
                 raise ValueError("an encoder-decoder needs decoder_input_ids")
-            memory = self.encode(input_ids, attention_mask, token_type_ids)
-            h = self.decode_hidden(decoder_input_ids, memory, attention_mask, attention_mask=decoder_attention_mask)
+            memory = self.encode(input_ids, attention_mask, token_type_ids, example_ids)
+            h = self.decode_hidden(decoder_input_ids, memory, attention_mask, attention_mask=decoder_attention_mask,
+                                   example_ids=decoder_example_ids, memory_example_ids=example_ids)
         if self.pooler is None:
             cls_logits = None
         else:

@@ -301,8 +301,33 @@ def test_packed_examples_compute_what_each_computes_alone(kind, positions):
         alone = logits(model, part)
         assert (packed[:, start:start + n] - alone).abs().max() < 1e-5, (kind, positions, start)
         start += n
-    with pytest.raises(ValueError, match="example_ids"):
-        make("encoder-decoder")(row, decoder_input_ids=row, example_ids=example)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_packed_encoder_decoder_rows_compute_each_example_alone(positions):
+    """Three (source, target) examples packed in an encoder row and a decoder row, each then padded: every decoder
+    position gives the logits it gives with its example alone, so cross-attention stays within the example too."""
+    model = make("encoder-decoder", positions=positions)
+    src_len, dec_len = [9, 13, 6], [5, 11, 8]
+    srcs = [ids(1, n, seed=10 + i) for i, n in enumerate(src_len)]
+    decs = [ids(1, n, seed=20 + i) for i, n in enumerate(dec_len)]
+
+    def packed_row(parts, pad):
+        row = torch.cat([*parts, torch.zeros(1, pad, dtype=torch.long)], 1)
+        number = torch.cat([torch.full((1, p.size(1)), i + 1) for i, p in enumerate(parts)]
+                           + [torch.zeros(1, pad, dtype=torch.long)], 1)
+        return row, number
+
+    (src, src_ex), (dec, dec_ex) = packed_row(srcs, 4), packed_row(decs, 3)
+    out = logits(model, src, attention_mask=(src_ex > 0).long(), decoder_input_ids=dec, example_ids=src_ex,
+                 decoder_example_ids=dec_ex)
+    start = 0
+    for s, d in zip(srcs, decs, strict=True):
+        alone = logits(model, s, decoder_input_ids=d)
+        assert (out[:, start:start + d.size(1)] - alone).abs().max() < 1e-5, (positions, start)
+        start += d.size(1)
+    with pytest.raises(ValueError, match="packed rows"):  # one stack numbered, not the other
+        model(src, decoder_input_ids=dec, example_ids=src_ex)
 
 
 # ------------------------------------------------------------------------------------ explicit attention (CPU)
