@@ -147,6 +147,17 @@ def input_tokens(batch: Batch) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
+def computed_positions(batch: Batch) -> tuple[int, int]:
+    """(real tokens, positions) the model computes for a batch: its input's (`input_tokens` of input_ids.numel()),
+    plus, for an encoder-decoder, its decoder's (the targets that are not IGNORE_INDEX, of labels.numel()). Their
+    ratio is the batch's real-token density, which padding lowers and packing raises."""
+    real, positions = input_tokens(batch), batch["input_ids"].numel()
+    if "decoder_input_ids" in batch:
+        real += int((batch["labels"] != IGNORE_INDEX).sum())
+        positions += batch["labels"].numel()
+    return real, positions
+
+
 def make_generator(seed: int, *stream: int | str) -> torch.Generator:
     """A torch.Generator seeded from (seed, *stream), e.g. (seed, "train", step, micro_step, rank).
 

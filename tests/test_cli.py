@@ -87,6 +87,23 @@ def test_run_resume_is_bit_exact_and_eval_writes_json(corpus, tmp_path):
     assert 0 < ev["bits_per_byte"] < 20
 
 
+def test_a_packed_run_resumes_bit_exact(corpus, tmp_path):
+    """BART's packed rows (several blocks a row, `objective.pack`) resume as exactly as one block a row."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["run", "--objective", "denoise", "--data", str(corpus / "docs.txt"), "--max-steps", "4",
+            *sets(*TINY, "objective.pack=true", "train.ckpt_every=2", "train.keep_last=5", "train.eval_every=0")]
+    res = run([*args, "--out", str(full)], tmp_path / "cache")
+    assert res.exit_code == 0, res.output
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_0000004")
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    (part / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= 2))
+    res = runner.invoke(app, ["run", "--resume", str(part)])
+    assert res.exit_code == 0, res.output
+    a, b = ((p / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes() for p in (full, part))
+    assert a == b
+
+
 def test_tiny_run_lowers_the_loss(corpus, tmp_path):
     res = run(["run", "--objective", "clm", "--data", str(corpus / "docs.txt"), "--max-steps", "50", "--out",
                str(tmp_path / "r"), *sets(*TINY, "train.lr=3e-3", "train.eval_every=0")], tmp_path / "cache")

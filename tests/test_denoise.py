@@ -45,14 +45,36 @@ def random_split(n_tokens: int = 60_000, V: int = 2000, seed: int = 0, every: in
     return TokenSplit.from_documents(docs), Vocab.synthetic(size=V, word_start_every=every)
 
 
+@pytest.fixture(params=[False, True], ids=["one-per-row", "packed"])
+def pack(request):
+    """Each test of a batch runs on rows of one block and on packed rows."""
+    return request.param
+
+
+def make(pack: bool, **kw) -> Denoising:
+    """The objective under test. Packed, blocks stop at their document's end unless a test says otherwise
+    (fairseq's complete_doc), so that the rows hold several."""
+    return Denoising(pack=pack, **({"cross_documents": False} | kw if pack else kw))
+
+
 def rows(batch):
-    """Per row: (source ids without padding, target content without `<s>`/`</s>`/padding)."""
+    """Per block: (source ids without padding, target content without `<s>`/`</s>`/padding); packed rows give
+    each of their blocks, whose decoder input must be its own target shifted behind `</s>`."""
     out = []
-    for src, am, lab in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
-        s = src[am.bool()].tolist()
-        t = lab[lab != IGNORE_INDEX].tolist()
-        assert s[0] == 2 and s[-1] == 3 and t[0] == 2 and t[-1] == 3  # <s> first, </s> last, both sides
-        out.append((s[1:-1], t[1:-1]))
+    for i, (src, am, lab) in enumerate(zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True)):
+        if "example_ids" not in batch:
+            pieces = [(src[am.bool()], lab[lab != IGNORE_INDEX], None)]
+        else:
+            enc, dec = batch["example_ids"][i], batch["decoder_example_ids"][i]
+            assert torch.equal(enc > 0, am.bool()) and torch.equal(dec > 0, lab != IGNORE_INDEX)
+            pieces = [(src[enc == e], lab[dec == e], batch["decoder_input_ids"][i][dec == e])
+                      for e in range(1, int(dec.max()) + 1)]
+            assert int(enc.max()) == len(pieces)
+        for s, t, d in pieces:
+            s, t = s.tolist(), t.tolist()
+            assert s[0] == 2 and s[-1] == 3 and t[0] == 2 and t[-1] == 3  # <s> first, </s> last, both sides
+            assert d is None or d.tolist() == [3] + t[:-1]
+            out.append((s[1:-1], t[1:-1]))
     return out
 
 
@@ -96,37 +118,46 @@ def test_registered_and_contract():
 
 
 @pytest.mark.parametrize("cross", [True, False])
-def test_target_is_clean_block_of_whole_sentences(cross):
+def test_target_is_clean_block_of_whole_sentences(cross, pack):
     split, vocab = unique_split()
     so = split.sent_offsets.tolist()
     sent_at = {o: s for s, o in enumerate(so)}
     L = 64
-    b = Denoising(cross_documents=cross).batch(split, vocab, make_generator(1, "t"), 64, L)
+    b = make(pack, cross_documents=cross).batch(split, vocab, make_generator(1, "t"), 64, L)
     assert b["labels"].shape == b["decoder_input_ids"].shape and b["labels"].size(1) <= L
     assert (b["decoder_input_ids"][:, 0] == vocab.eos).all()  # decoder start = </s>
     lab = b["labels"].masked_fill(b["labels"] == IGNORE_INDEX, vocab.pad)
     assert torch.equal(b["decoder_input_ids"][:, 1:], lab[:, :-1])
-    for _, t in rows(b):
+    blocks = rows(b)
+    room = [L - 2] * len(blocks)
+    if pack:  # a packed row's last block may be the one drawn for the room its row had left
+        room, tails = [], 0
+        for dec in b["decoder_example_ids"]:
+            k = int(dec.max())
+            room += [L - 2] * (k - 1) + [L - 2 - int((dec == k).nonzero()[0])]
+            tails += room[-1] < L - 2
+        assert tails > 16  # most rows end with a tail block
+    for (_, t), c in zip(blocks, room, strict=True):
         p = [x - N_SPECIAL for x in t]
         assert p == list(range(p[0], p[0] + len(p)))  # one contiguous stretch of the split
         assert p[0] in sent_at  # starting at a sentence start
         s0 = sent_at[p[0]]
         end = p[0] + len(p)
-        if end in sent_at:  # whole sentences, as many as fit in L - 2 (and within the document when asked)
+        if end in sent_at:  # whole sentences, as many as fit in the room (and within the document when asked)
             e = sent_at[end]
-            stop = e == split.n_sents or so[e + 1] - p[0] > L - 2
+            stop = e == split.n_sents or so[e + 1] - p[0] > c
             if not cross:
                 assert split.sent_doc[s0] == split.sent_doc[e - 1]
                 stop = stop or split.sent_doc[e] != split.sent_doc[s0]
             assert stop
-        else:  # or one over-long sentence cut to L - 2
-            assert len(p) == L - 2 and so[s0 + 1] - p[0] > L - 2
+        else:  # or one over-long sentence cut to the room
+            assert len(p) == c and so[s0 + 1] - p[0] > c
 
 
-def test_permutation_only_shuffles_whole_sentences():
+def test_permutation_only_shuffles_whole_sentences(pack):
     split, vocab = unique_split()
     starts = set((split.sent_offsets[:-1] + N_SPECIAL).tolist())
-    b = Denoising(mask_ratio=0.0, random_ratio=0.0).batch(split, vocab, make_generator(2, "t"), 128, 96)
+    b = make(pack, mask_ratio=0.0, random_ratio=0.0).batch(split, vocab, make_generator(2, "t"), 128, 96)
     moved = 0
     for s, t in rows(b):
         assert sorted(sentences(s, starts)) == sorted(sentences(t, starts))
@@ -134,10 +165,10 @@ def test_permutation_only_shuffles_whole_sentences():
     assert moved > 64  # most multi-sentence blocks come out in another order
 
 
-def test_partial_permutation_moves_at_most_ceil_k_p_sentences():
+def test_partial_permutation_moves_at_most_ceil_k_p_sentences(pack):
     split, vocab = unique_split()
     starts = set((split.sent_offsets[:-1] + N_SPECIAL).tolist())
-    b = Denoising(mask_ratio=0.0, random_ratio=0.0, permute_ratio=0.3).batch(split, vocab, make_generator(3), 128, 96)
+    b = make(pack, mask_ratio=0.0, random_ratio=0.0, permute_ratio=0.3).batch(split, vocab, make_generator(3), 128, 96)
     moved_any = 0
     for s, t in rows(b):
         ss, ts = sentences(s, starts), sentences(t, starts)
@@ -148,9 +179,9 @@ def test_partial_permutation_moves_at_most_ceil_k_p_sentences():
     assert moved_any > 20
 
 
-def test_same_seed_same_batch_other_seed_other_batch():
+def test_same_seed_same_batch_other_seed_other_batch(pack):
     split, vocab = random_split(20_000)
-    obj = Denoising(rotate_ratio=0.5, insert_ratio=0.1, delete_ratio=0.05, token_mask_ratio=0.05)
+    obj = make(pack, rotate_ratio=0.5, insert_ratio=0.1, delete_ratio=0.05, token_mask_ratio=0.05)
     a = obj.batch(split, vocab, make_generator(7, "train", 3), 16, 128)
     b = obj.batch(split, vocab, make_generator(7, "train", 3), 16, 128)
     c = obj.batch(split, vocab, make_generator(7, "train", 4), 16, 128)
@@ -163,14 +194,14 @@ def test_same_seed_same_batch_other_seed_other_batch():
 
 
 @pytest.mark.parametrize("every", [1, 3])
-def test_infilling_masks_whole_word_spans_exactly(every):
+def test_infilling_masks_whole_word_spans_exactly(pack, every):
     split, vocab = unique_split(every=every)
     starts = set((split.sent_offsets[:-1] + N_SPECIAL).tolist())
 
     def opens_word(t):
         return vocab.word_start[t] or t in starts
 
-    obj = Denoising(permute_ratio=0.0, random_ratio=0.0)
+    obj = make(pack, permute_ratio=0.0, random_ratio=0.0)
     b = obj.batch(split, vocab, make_generator(4), 128, 128)
     n_spans = 0
     for s, t in rows(b):
@@ -187,9 +218,9 @@ def test_infilling_masks_whole_word_spans_exactly(every):
     assert n_spans > 500
 
 
-def test_no_special_piece_masked_moved_or_drawn():
+def test_no_special_piece_masked_moved_or_drawn(pack):
     split, vocab = random_split(20_000, every=2)
-    obj = Denoising(random_ratio=0.5, rotate_ratio=0.5, insert_ratio=0.1, delete_ratio=0.05, token_mask_ratio=0.05)
+    obj = make(pack, random_ratio=0.5, rotate_ratio=0.5, insert_ratio=0.1, delete_ratio=0.05, token_mask_ratio=0.05)
     for seed in range(3):
         b = obj.batch(split, vocab, make_generator(seed), 64, 128)
         assert b["input_ids"].size(1) <= obj.positions_needed(128)
@@ -204,18 +235,17 @@ def test_no_special_piece_masked_moved_or_drawn():
 # ---------------------------------------------------------------- statistics
 
 
-def test_masked_token_fraction_is_0_3_within_5_sigma():
+def test_masked_token_fraction_is_0_3_within_5_sigma(pack):
     split, vocab = random_split(100_000, every=2)  # half the pieces start a word: words of 1, 2, 3... pieces
-    obj = Denoising(permute_ratio=0.0, random_ratio=0.0)
+    obj = make(pack, permute_ratio=0.0, random_ratio=0.0)
     dev, n_tok = [], 0
     for seed in range(4):
-        # align() needs unique ids: recover masked counts from lengths instead. Source length =
-        # n + 2 - masked + spans, and spans = number of [MASK]s.
+        # align() needs unique ids: recover masked counts from lengths instead. A block's source holds its
+        # n tokens less the masked ones, plus one [MASK] per span.
         b = obj.batch(split, vocab, make_generator(seed, "frac"), 128, 256)
-        n = (b["labels"] != IGNORE_INDEX).sum(1) - 2
-        src_len = b["attention_mask"].sum(1)
-        n_mask = (b["input_ids"] == vocab.mask).sum(1)
-        masked = n + 2 - src_len + n_mask
+        blocks = rows(b)
+        n = torch.tensor([len(t) for _, t in blocks])
+        masked = n - torch.tensor([len(s) - s.count(vocab.mask) for s, _ in blocks])
         dev.append((masked - 0.3 * n).double())
         n_tok += int(n.sum())
     d = torch.cat(dev)
@@ -225,9 +255,10 @@ def test_masked_token_fraction_is_0_3_within_5_sigma():
     assert sigma < 0.003  # the test has power: many blocks
 
 
-def test_span_lengths_follow_poisson_3():
+def test_span_lengths_follow_poisson_3(pack):
     split, vocab = unique_split(n_docs=600, seed=5)
-    obj = Denoising(permute_ratio=0.0, random_ratio=0.0)
+    # Blocks across documents, packed too: in short blocks each one's cut span is too large a share for the test.
+    obj = make(pack, permute_ratio=0.0, random_ratio=0.0, cross_documents=True)
     lengths = []
     for seed in range(3):
         b = obj.batch(split, vocab, make_generator(seed, "poisson"), 96, 512)
@@ -267,13 +298,13 @@ def _chi2_poisson_p(x: np.ndarray, lam: float) -> float:
     return math.exp(-chi2 / 2) * sum((chi2 / 2) ** i / math.factorial(i) for i in range(4))
 
 
-def test_random_replacement_rate_matches_setting():
+def test_random_replacement_rate_matches_setting(pack):
     split, vocab = random_split(40_000, every=2)
     n_masks = n_swapped = 0
     for seed in range(3):
         g = ("rr", seed)
-        a = Denoising(random_ratio=0.0).batch(split, vocab, make_generator(*g), 128, 256)
-        b = Denoising(random_ratio=0.1).batch(split, vocab, make_generator(*g), 128, 256)
+        a = make(pack, random_ratio=0.0).batch(split, vocab, make_generator(*g), 128, 256)
+        b = make(pack, random_ratio=0.1).batch(split, vocab, make_generator(*g), 128, 256)
         assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["attention_mask"], b["attention_mask"])
         diff = a["input_ids"] != b["input_ids"]
         assert (a["input_ids"][diff] == vocab.mask).all()  # only [MASK]s change...
@@ -287,9 +318,9 @@ def test_random_replacement_rate_matches_setting():
 # ---------------------------------------------------------------- the off-by-default extras
 
 
-def test_deletion_removes_tokens_in_order():
+def test_deletion_removes_tokens_in_order(pack):
     split, vocab = unique_split()
-    b = Denoising(**OFF, delete_ratio=0.3).batch(split, vocab, make_generator(8), 128, 96)
+    b = make(pack, **OFF, delete_ratio=0.3).batch(split, vocab, make_generator(8), 128, 96)
     kept = total = 0
     for s, t in rows(b):
         assert vocab.mask not in s
@@ -299,9 +330,9 @@ def test_deletion_removes_tokens_in_order():
     assert abs(1 - kept / total - 0.3) < 5 * math.sqrt(0.21 / total)
 
 
-def test_token_masking_replaces_single_tokens():
+def test_token_masking_replaces_single_tokens(pack):
     split, vocab = unique_split()
-    b = Denoising(**OFF, token_mask_ratio=0.2).batch(split, vocab, make_generator(9), 128, 96)
+    b = make(pack, **OFF, token_mask_ratio=0.2).batch(split, vocab, make_generator(9), 128, 96)
     masked = total = 0
     for s, t in rows(b):
         assert len(s) == len(t) and all(x == y for x, y in zip(s, t, strict=True) if x != vocab.mask)
@@ -309,9 +340,9 @@ def test_token_masking_replaces_single_tokens():
     assert abs(masked / total - 0.2) < 5 * math.sqrt(0.16 / total)
 
 
-def test_rotation_keeps_frame_and_rotates_content():
+def test_rotation_keeps_frame_and_rotates_content(pack):
     split, vocab = unique_split()
-    b = Denoising(**OFF, rotate_ratio=1.0).batch(split, vocab, make_generator(10), 128, 96)
+    b = make(pack, **OFF, rotate_ratio=1.0).batch(split, vocab, make_generator(10), 128, 96)
     rotated = 0
     for s, t in rows(b):  # rows() checks <s> and </s> stayed at the ends
         k = t.index(s[0])
@@ -320,9 +351,9 @@ def test_rotation_keeps_frame_and_rotates_content():
     assert rotated > 100
 
 
-def test_insertion_adds_random_ordinary_tokens():
+def test_insertion_adds_random_ordinary_tokens(pack):
     split, vocab = unique_split()
-    b = Denoising(**OFF, insert_ratio=0.2).batch(split, vocab, make_generator(11), 128, 96)
+    b = make(pack, **OFF, insert_ratio=0.2).batch(split, vocab, make_generator(11), 128, 96)
     for s, t in rows(b):
         assert len(s) == len(t) + math.floor(0.2 * len(t) + 0.5)
         assert not any(vocab.special[x] for x in s)
@@ -330,9 +361,9 @@ def test_insertion_adds_random_ordinary_tokens():
         assert all(x in it for x in t)  # the target is a subsequence of the source
 
 
-def test_all_noise_at_once_is_consistent():
+def test_all_noise_at_once_is_consistent(pack):
     split, vocab = unique_split(every=2)
-    obj = Denoising(permute_ratio=0.0, random_ratio=0.0, delete_ratio=0.1, insert_ratio=0.0)
+    obj = make(pack, permute_ratio=0.0, random_ratio=0.0, delete_ratio=0.1, insert_ratio=0.0)
     b = obj.batch(split, vocab, make_generator(12), 64, 128)
     for s, t in rows(b):  # deleted tokens leave no [MASK]; spans still leave one each
         kept = [x for x in s if x != vocab.mask]
@@ -355,13 +386,13 @@ def test_baseline_is_target_unigram_entropy():
 # ---------------------------------------------------------------- loss with the encoder-decoder
 
 
-def test_loss_counts_every_target_token_and_trains_both_stacks():
+def test_loss_counts_every_target_token_and_trains_both_stacks(pack):
     from models.config import ModelConfig
     from models.transformer import Transformer
 
     torch.manual_seed(0)
     split, vocab = random_split(20_000, V=500, every=2)
-    obj = Denoising()
+    obj = make(pack)
     cfg = ModelConfig(n_layers=1, n_heads=2, d_model=32, d_ff=64, max_len=64, norm_placement="post",
                       embed_norm=True)
     model = Transformer(cfg, obj.arch, vocab.size)
