@@ -6,7 +6,8 @@ with the same vocabulary, on one thread. Throughput counts the nominal batch, ba
 (padding included, identical for both sides, so a denoising batch counts 64 x 512 however its source was
 padded); an objective with a fixed raw window (`Objective.raw_window`: T5 reads 568 raw tokens for 512
 inputs) also reports batch_size x that window. Targets are the speeds we hold ourselves to (10M tokens/s for
-every objective, packed or not). Beside them, the non-padding share of each side's batches: on short documents
+every objective, packed or not). Beside them, the non-padding share of the positions each side's batches have
+the model compute (an encoder-decoder's decoder too: `objectives.base.computed_positions`): on short documents
 (the built-in corpus averages ~60 tokens a docstring) BERT pairs at 512 are mostly padding, and ours and the peer
 need not fill alike.
 """
@@ -22,19 +23,21 @@ from rich.console import Console
 
 def time_fn(make: Callable[[int], Any], seconds: float, warmup: int = 1, min_rounds: int = 3) -> dict:
     """Call make(i) -> batch for i = 0, 1, ... until `seconds` have passed and at least `min_rounds` calls were
-    timed (after `warmup` untimed calls); returns rounds, the mean and best seconds per call and the mean
-    real (non-padding) input tokens per batch, counted outside the timing."""
-    from objectives.base import input_tokens
+    timed (after `warmup` untimed calls); returns rounds, the mean and best seconds per call and the real
+    (non-padding) share of the positions the model computes (`objectives.base.computed_positions`: an
+    encoder-decoder's decoder too), counted outside the timing."""
+    from objectives.base import computed_positions
 
     for i in range(warmup):
         make(-1 - i)
-    best, total, real, i = float("inf"), 0.0, 0, 0
+    best, total, real, positions, i = float("inf"), 0.0, 0, 0, 0
     while total < seconds or i < min_rounds:
         t0 = time.perf_counter()
         b = make(i)
         dt = time.perf_counter() - t0
-        best, total, real, i = min(best, dt), total + dt, real + input_tokens(b), i + 1
-    return {"rounds": i, "mean_s": total / i, "best_s": best, "real_tokens": real / i}
+        n_real, n_pos = computed_positions(b)
+        best, total, real, positions, i = min(best, dt), total + dt, real + n_real, positions + n_pos, i + 1
+    return {"rounds": i, "mean_s": total / i, "best_s": best, "fill": real / positions}
 
 
 def time_batches(objective: Any, split: Any, vocab: Any, batch_size: int, seq_len: int, seconds: float) -> dict:
@@ -109,8 +112,7 @@ def bench_batches(names: list[str] | None, batch_size: int, seq_len: int, second
                     "peer": peer_name, "peer_tokens_per_s": n_tok / peer["mean_s"] if peer else None,
                     "speedup": peer["mean_s"] / ours["mean_s"] if peer else None,
                     "target": target, "meets": None if target is None else ours_tps >= target,
-                    "ours_fill": ours["real_tokens"] / (batch_size * seq_len),
-                    "peer_fill": peer["real_tokens"] / (batch_size * seq_len) if peer else None,
+                    "ours_fill": ours["fill"], "peer_fill": peer["fill"] if peer else None,
                 })
     finally:
         torch.set_num_threads(threads)
