@@ -15,7 +15,8 @@ attention (encoder, decoder and cross-attention stay within the block), position
 it would alone. The blocks are drawn as above and placed first-fit; a row with 8 or more tokens of room left
 then takes one more block drawn for that room. Such tail blocks, often one cut sentence, are the deliberate
 deviation: they fill the rows (97% of the decoder's positions on the built-in corpus, against 88% one block a
-row, at seq_len 128) at the price of blocks shorter than BART's. No noise statistic depends on a block's length.
+row, at seq_len 128) at the price of blocks shorter than BART's. Each block gets the same noise at the same
+rates (30% of its own words, rounded, are masked); a tail block of one sentence has nothing to permute.
 The target (`labels`) is the clean block, every token of it (`<s>` and `</s>` included, pads ignored);
 `decoder_input_ids` is it shifted right behind `</s>`, the decoder start token of fairseq (which moves
 `</s>` to the front) and HF (`decoder_start_token_id` = 2 = `</s>` in BART's vocabulary).
@@ -231,7 +232,7 @@ class Denoising(Objective):
             src, sent_first = permute_sentences(src, sent_first, blocks.content, blocks.ex, self.permute_ratio, gen)
         input_ids, attention_mask, enc_ex = self.corrupt(src, sent_first, blocks, vocab, gen,
                                                          self.positions_needed(seq_len))
-        decoder_input_ids = shift_right(labels, vocab.eos, vocab.pad)
+        decoder_input_ids = shift_right(blocks.ids, vocab.eos, vocab.pad)  # pads are pad already, not ignored
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                "decoder_input_ids": decoder_input_ids}
         if self.pack:  # every block's decoder starts at `</s>`, which is also the block before's last target
@@ -337,9 +338,9 @@ class Denoising(Objective):
             out = out.gather(1, torch.where(inner, st + 1 + (slot - st - 1 + off_s) % c_s, slot))
         out = out.masked_fill(~attention_mask, vocab.pad)
         if self.random_ratio > 0:  # last, so the same seed masks the same spans whatever random_ratio is
-            swap = (out == vocab.mask) & (torch.rand(B, S, generator=gen) < self.random_ratio)
-            draws = vocab.ordinary_ids[torch.randint(len(vocab.ordinary_ids), (int(swap.sum()),), generator=gen)]
-            out = out.masked_scatter(swap, draws)
+            at = (out == vocab.mask).view(-1).nonzero()[:, 0]  # the [MASK]s, each a coin
+            at = at[torch.rand(len(at), generator=gen) < self.random_ratio]
+            out.view(-1)[at] = vocab.ordinary_ids[torch.randint(len(vocab.ordinary_ids), (len(at),), generator=gen)]
         return out, attention_mask.long(), out_ex
 
     def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
