@@ -257,7 +257,14 @@ class SpanCorruption(Objective):
 @dataclass(frozen=True)
 class PrefixLM(Objective):
     """T5's prefix LM baseline: the encoder reads a random-length prefix of the window, the decoder
-    predicts the rest."""
+    predicts the rest.
+
+    One window a row pads half of both stacks' positions on average (the encoder to its longest prefix, the
+    decoder to its longest rest). `pack = true` puts two windows of seq_len - 2 tokens in a row, the first split
+    at k ~ U[1, m - 1] and the second at m - k, so that both rows are exactly full: every example's split is
+    still uniform, but the two of a row are antithetic (k and m - k), the deliberate deviation."""
+
+    pack: bool = False  # two windows a row, split at k and m - k: no padding in either stack
 
     name: ClassVar[str] = "prefix"
     arch: ClassVar[Arch] = Arch(kind="encoder-decoder")
@@ -271,9 +278,15 @@ class PrefixLM(Objective):
     # Encoder inputs are at most seq_len long (prefix + `</s>`), targets at most seq_len - 1: the default
     # `positions_needed` fits.
 
+    @property
+    def packs_examples(self) -> bool:
+        """Packed, a row holds two windows (no per-example field, but a mixture packs all components or none)."""
+        return self.pack
+
     def decoder_length(self, seq_len: int) -> int:
-        """Decoder rows are seq_len - 1 slots (the rest of the window and `</s>`, then padding)."""
-        return seq_len - 1
+        """Decoder rows are seq_len - 1 slots (the rest of the window and `</s>`, then padding); packed, seq_len
+        (two rests and their `</s>`)."""
+        return seq_len if self.pack else seq_len - 1
 
     def special_targets(self, vocab: Vocab) -> frozenset[int]:
         """The target ends with `</s>`."""
@@ -285,6 +298,8 @@ class PrefixLM(Objective):
         n = seq_len - 1
         if n < 2:
             raise UserError(f"data.seq_len must be >= 3 for the prefix LM, got {seq_len}")
+        if self.pack:
+            return self._packed(split, vocab, gen, batch_size, seq_len)
         B = batch_size
         w = stream_windows(split, B, n, gen)  # (B, n)
         k = torch.randint(1, n, (B, 1), generator=gen)  # (B, 1): prefix length, uniform on [1, n-1]
@@ -301,9 +316,32 @@ class PrefixLM(Objective):
             "decoder_input_ids": shift_right(labels, vocab.pad, vocab.pad),
         }
 
+    def _packed(self, split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, seq_len: int) -> Batch:
+        """Two windows of m = seq_len - 2 tokens a row, split at k and m - k (the class docstring): input_ids (B,
+        seq_len) = prefix 1 `</s>` prefix 2 `</s>`, labels (B, seq_len) = rest 1 `</s>` rest 2 `</s>`, every slot
+        real; example_ids / decoder_example_ids number the two, and each decoder starts at `<pad>`."""
+        m = seq_len - 2
+        if m < 2:
+            raise UserError(f"data.seq_len must be >= 4 for the packed prefix LM, got {seq_len}")
+        w = stream_windows(split, 2 * B, m, gen)  # (2B, m): row r packs windows r and B + r
+        w0, w1 = w[:B], w[B:]
+        k = torch.randint(1, m, (B, 1), generator=gen)  # the first window's prefix; the second's is m - k
+        pos = torch.arange(seq_len).expand(B, seq_len)
+        second = pos > k  # encoder: w0[:k] `</s>` at k, then w1[:m - k] and `</s>` last
+        enc = torch.where(second, w1.gather(1, (pos - k - 1).clamp(0, m - 1)), w0.gather(1, pos.clamp(max=m - 1)))
+        ends = torch.cat([k, pos[:, -1:]], 1)  # (B, 2) each example's `</s>`
+        input_ids = enc.scatter_(1, ends, vocab.eos)
+        dec_second = pos > m - k  # decoder: w0[k:] `</s>` at m - k, then w1[m - k:] (slot p reads w1[p - 1])
+        dec = torch.where(dec_second, w1.gather(1, (pos - 1).clamp(0, m - 1)), w0.gather(1, (k + pos).clamp(max=m - 1)))
+        labels = dec.scatter_(1, torch.cat([m - k, pos[:, -1:]], 1), vocab.eos)
+        decoder_input_ids = shift_right(labels, vocab.pad, vocab.pad).scatter_(1, m - k + 1, vocab.pad)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+                "decoder_input_ids": decoder_input_ids, "example_ids": 1 + second.long(),
+                "decoder_example_ids": 1 + dec_second.long()}
+
     def loss(self, model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Terms:
         """Summed cross-entropy over the real target tokens; the vocabulary projection runs only where
-        there is a target (half the decoder slots are padding on average)."""
+        there is a target (half the decoder slots are padding on average, none when packed)."""
         labels = batch["labels"]
         keep = labels != IGNORE_INDEX  # (B, T_tgt)
         return model(
@@ -312,12 +350,15 @@ class PrefixLM(Objective):
             decoder_input_ids=batch["decoder_input_ids"],
             output_mask=keep,
             project=lm_terms(labels[keep], "prefix", label_smoothing),  # the rows of keep, row-major
+            example_ids=batch.get("example_ids"),
+            decoder_example_ids=batch.get("decoder_example_ids"),
         ).logits
 
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:
         """Loss in nats per target token of the best unigram model of the targets: corpus tokens plus one
-        `</s>` per sequence; with k ~ U[1, n-1] a target holds n/2 + 1 tokens on average."""
-        n = seq_len - 1
+        `</s>` per sequence; with k ~ U[1, n-1] a target holds n/2 + 1 tokens on average (n = seq_len - 1, or
+        seq_len - 2 packed)."""
+        n = seq_len - 2 if self.pack else seq_len - 1
         f = 1.0 / (n / 2 + 1)  # fraction of target tokens that are </s>
         loss = (1 - f) * (_unigram_entropy(split, vocab) - math.log(1 - f)) - f * math.log(f)
         return {"unigram_target_loss": loss}

@@ -132,10 +132,10 @@ def test_bench_batches_rows_side_by_side(data):
     by = {r["objective"]: r for r in rows}
     n_raw = OBJECTIVES["span"]().lengths(64)[0]
     assert list(by) == ["clm", "clm, doc_attention", "mlm", "mlm, pack", "span", f"span, raw {n_raw}", "prefix",
-                        "denoise", "denoise, pack"]
+                        "prefix, pack", "denoise", "denoise, pack"]
     for name, r in by.items():
         assert r["ours_tokens_per_s"] > 0
-        if name in ("prefix", "clm, doc_attention", "mlm, pack", "denoise, pack"):  # the peers have no such mode
+        if name in ("prefix", "prefix, pack", "clm, doc_attention", "mlm, pack", "denoise, pack"):  # no such peer
             assert r["peer_tokens_per_s"] is None and r["speedup"] is None
         else:
             assert r["peer_tokens_per_s"] > 0 and r["speedup"] == pytest.approx(
@@ -145,4 +145,5 @@ def test_bench_batches_rows_side_by_side(data):
     assert 0 < by["mlm"]["ours_fill"] <= 1 and 0 < by["mlm"]["peer_fill"] <= 1
     assert by["mlm, pack"]["ours_fill"] > by["mlm"]["ours_fill"] and by["mlm, pack"]["target"] == 1e7  # fuller rows
     assert by["denoise, pack"]["ours_fill"] > by["denoise"]["ours_fill"] and by["denoise, pack"]["target"] == 1e7
+    assert by["prefix, pack"]["ours_fill"] == 1.0 and by["prefix"]["ours_fill"] < 0.75
     assert by["mlm"]["target"] == by["span"]["target"] == by["clm"]["target"] == 1e7

@@ -55,6 +55,7 @@ CASES = [(name, {}) for name in OBJECTIVES] + [
     ("mlm", {"whole_word": True, "selection": "bernoulli"}),
     ("denoise", {"delete_ratio": 0.1, "token_mask_ratio": 0.1, "insert_ratio": 0.1, "rotate_ratio": 0.5}),
     ("denoise", {"pack": True, "insert_ratio": 0.1, "rotate_ratio": 0.5}),
+    ("prefix", {"pack": True}),
     ("reverse", {}),
     # mixtures beside the default (UL2's): each component a loss term of its own; a decoder-only one whose mode
     # token shifts the causal window; BERT pairs, whose NSP terms stay the components' own

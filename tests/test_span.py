@@ -285,11 +285,44 @@ def test_prefix_lm_roundtrip_and_uniform_split(splits):
     assert (freq - 1 / (n - 1)).abs().max().item() < 0.02
 
 
+def test_packed_prefix_lm_fills_both_stacks_with_two_uniform_antithetic_splits(splits):
+    """Packed, a row holds two windows of m = seq_len - 2 tokens split at k and m - k: each example's prefix and
+    rest are one contiguous window, both stacks' rows are all real, each decoder starts at <pad>, and k is
+    uniform on [1, m - 1]."""
+    pos, _, _ = splits
+    vocab, obj = Vocab.synthetic(N_SPECIAL + N_TOKENS), PrefixLM(pack=True)
+    seq_len, B = 16, 64
+    m = seq_len - 2
+    assert obj.decoder_length(seq_len) == seq_len and obj.packs_examples
+    ks = []
+    for step in range(40):
+        b = obj.batch(pos, vocab, make_generator(3, step), B, seq_len)
+        ids, lab, dec = b["input_ids"], b["labels"], b["decoder_input_ids"]
+        assert ids.shape == lab.shape == dec.shape == (B, seq_len) and bool(b["attention_mask"].all())
+        assert bool((lab != IGNORE_INDEX).all())
+        for r in range(B):
+            row = []
+            for e in (1, 2):
+                prefix, rest = ids[r][b["example_ids"][r] == e].tolist(), lab[r][b["decoder_example_ids"][r] == e]
+                assert prefix[-1] == vocab.eos and rest[-1] == vocab.eos
+                d = dec[r][b["decoder_example_ids"][r] == e].tolist()
+                assert d == [PAD] + rest[:-1].tolist()  # teacher forcing within the example, from <pad>
+                window = prefix[:-1] + rest[:-1].tolist()
+                assert window == list(range(window[0], window[0] + m))
+                row.append(len(prefix) - 1)
+            assert row[0] + row[1] == m  # antithetic splits
+            ks.append(row[0])
+    ks = torch.tensor(ks)
+    assert ks.min().item() >= 1 and ks.max().item() <= m - 1
+    freq = torch.bincount(ks, minlength=m)[1:].float() / ks.numel()  # over k = 1..m-1
+    assert (freq - 1 / (m - 1)).abs().max().item() < 0.03
+
+
 def test_baselines_match_sampled_targets(splits):
     """The analytic unigram target loss equals the entropy of target tokens from sampled batches."""
     _, text, _ = splits
     vocab = Vocab.synthetic(1000)
-    for obj, field in ((SpanCorruption(), "labels"), (PrefixLM(), "labels")):
+    for obj, field in ((SpanCorruption(), "labels"), (PrefixLM(), "labels"), (PrefixLM(pack=True), "labels")):
         labels = torch.cat([obj.batch(text, vocab, make_generator(4, s), 64, 64)[field] for s in range(150)])
         labels = labels[labels != IGNORE_INDEX]
         p = torch.bincount(labels, minlength=vocab.size).double() / labels.numel()
