@@ -151,6 +151,11 @@ class Mixture(Objective):
                     f"{_arch_text(comps[0].objective.arch)} and {label} ({c.objective.name}) is "
                     f"{_arch_text(c.objective.arch)}; mix objectives of one arrangement")
         packed = [label for c, label in zip(comps, self.labels, strict=True) if c.objective.packs_examples]
+        moded = [label for c, label in zip(comps, self.labels, strict=True) if c.objective.packs_examples and c.mode]
+        if moded:
+            raise UserError(f"mixture components {', '.join(moded)} pack several examples into a row and have a mode "
+                            "token, which would go first in the row, before only its first example; drop the mode "
+                            "or leave pack off")
         if packed and len(packed) < len(comps):
             raise UserError(f"mixture components {', '.join(packed)} pack several examples into a row and the others "
                             "do not, so their per-example fields differ in shape; pack all of them or leave pack off")

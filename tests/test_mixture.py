@@ -190,6 +190,7 @@ def test_config_round_trips_and_names_bad_components():
         ([{"name": "span", "weight": 0}, {"name": "prefix", "weight": 0}], "weight 0"),
         ([{"name": "span"}, {"name": "clm"}], "one arrangement"),
         ([{"name": "mlm", "pack": True}, {"name": "mlm", "label": "b"}], "leave pack off"),
+        ([{"name": "denoise", "pack": True, "mode": "[S2S]"}], "mode token"),
         ([{"name": "spam"}], "unknown objective 'spam'"),
         ([{"name": "span", "mean_spam": 3}], "components[0].mean_spam"),
         ([{"weight": 1}], "names no objective"),
