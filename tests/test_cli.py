@@ -87,11 +87,13 @@ def test_run_resume_is_bit_exact_and_eval_writes_json(corpus, tmp_path):
     assert 0 < ev["bits_per_byte"] < 20
 
 
-def test_a_packed_run_resumes_bit_exact(corpus, tmp_path):
-    """BART's packed rows (several blocks a row, `objective.pack`) resume as exactly as one block a row."""
+@pytest.mark.parametrize("objective, switch", [("denoise", "pack"), ("mlm", "pack"), ("prefix", "pack"),
+                                               ("clm", "doc_attention")])
+def test_a_packed_run_resumes_bit_exact(corpus, tmp_path, objective, switch):
+    """Packed rows (several examples a row) resume as exactly as one example a row."""
     full, part = tmp_path / "full", tmp_path / "part"
-    args = ["run", "--objective", "denoise", "--data", str(corpus / "docs.txt"), "--max-steps", "4",
-            *sets(*TINY, "objective.pack=true", "train.ckpt_every=2", "train.keep_last=5", "train.eval_every=0")]
+    args = ["run", "--objective", objective, "--data", str(corpus / "docs.txt"), "--max-steps", "4",
+            *sets(*TINY, f"objective.{switch}=true", "train.ckpt_every=2", "train.keep_last=5", "train.eval_every=0")]
     res = run([*args, "--out", str(full)], tmp_path / "cache")
     assert res.exit_code == 0, res.output
     shutil.copytree(full, part)
