@@ -8,7 +8,9 @@ So the examples of a packed batch are a prefix of the examples drawn, whatever t
 nothing, and the statistics of the examples (NSP's label rate, the masked fraction of each) are those of the
 unpacked objective. First-fit lets later short examples fill the tails that next-fit (a row closed as soon as
 one example overflows it) leaves empty: BERT's pairs on the built-in corpus fill 92-98% of their rows instead of
-80%. An example always goes to the end of its row, so a row's examples lie in drawn order.
+80%. An example always goes to the end of its row, so a row's examples lie in drawn order. BART's blocks are
+placed the same way (objectives/sentences.py), then each row's tail gets one more block drawn for it; an
+encoder-decoder numbers the examples of both stacks' rows, and cross-attention stays within each too.
 
 The rows are written from the examples' lengths and offsets alone (`token_slots`): the caller computes each
 packed token from (example, index inside it), so nothing is built at the full row width per example.
