@@ -277,7 +277,7 @@ class Transformer(nn.Module):
         self.check_length(past + T)
         new_mask = attention_mask.bool() if attention_mask is not None else None
         if example_ids is not None or memory_example_ids is not None:
-            if cache is not None or (self.encoder is not None and (example_ids is None or memory_example_ids is None)):
+            if cache is not None or example_ids is None or (self.encoder is None) != (memory_example_ids is None):
                 raise ValueError("packed rows train without a cache, numbering an encoder-decoder's both stacks")
             pos, key_mask = packed_masks(example_ids, new_mask)
             cross = kv.packed_cross_mask(example_ids, memory_example_ids) if self.encoder is not None else None
