@@ -66,7 +66,7 @@ import torch
 from models.config import Arch
 from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, ce_terms, lm_terms
 from objectives.clm import stream_windows
-from objectives.packing import FirstFit, example_ids, per_example, slots, token_slots, within_examples
+from objectives.packing import FirstFit, per_example, row_major, slots, within_examples
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -158,18 +158,20 @@ class MaskedLM(Objective):
         if split.n_tokens < 2:
             raise ValueError(f"split has {split.n_tokens} tokens; masked LM needs at least 2")
         spans, row, off = _pairs_for_rows(split, gen, B, T, self.short_seq_prob)
-        la, lb = spans["la"][: len(row)], spans["lb"][: len(row)]
-        ex, local, flat = token_slots(la + lb + 3, row, off, T)
-        la, lb = la[ex], lb[ex]
+        k = len(row)
+        each, local = row_major(row, off, (B, T))  # every position's pair, and its index within it
+        la, lb = each(spans["la"][:k]), each(spans["lb"][:k])
         in_a, in_b = (local >= 1) & (local <= la), (local >= la + 2) & (local <= la + lb + 1)
-        src = np.where(in_a, spans["a0"][ex] + local - 1, np.where(in_b, spans["b0"][ex] + local - la - 2, 0))
-        tok = np.where(in_a | in_b, split.tokens[src].astype(np.int64), vocab.sep)  # [SEP] after A and after B
-        tok[local == 0] = vocab.cls
-        ids, types = np.full(B * T, vocab.pad, np.int64), np.zeros(B * T, np.int64)
-        ids[flat], types[flat] = tok, local >= la + 2
+        inside = local <= la + lb + 2  # else padding after the row's last pair
+        src = np.where(in_a, each(spans["a0"][:k]) + local - 1, each(spans["b0"][:k]) + local - la - 2)
+        ids = np.where(in_a | in_b, np.take(split.tokens, src, mode="clip"), vocab.sep)  # [SEP] after A and after B
+        ids[local == 0] = vocab.cls
+        ids[~inside] = vocab.pad
         slot = slots(row)
-        out = {"example_ids": example_ids(ex, flat, slot, (B, T)), "token_type_ids": torch.from_numpy(types).view(B, T)}
-        out["input_ids"], out["labels"] = self.mask(torch.from_numpy(ids).view(B, T), vocab, gen, out["example_ids"])
+        out = {"example_ids": torch.from_numpy(np.where(inside, each(slot + 1), 0).astype(np.int64)).view(B, T),
+               "token_type_ids": torch.from_numpy(((local >= la + 2) & inside).astype(np.int64)).view(B, T)}
+        ids = torch.from_numpy(ids.astype(np.int64)).view(B, T)
+        out["input_ids"], out["labels"] = self.mask(ids, vocab, gen, out["example_ids"])
         out["attention_mask"] = (out["example_ids"] > 0).long()
         out["next_sentence_label"] = per_example(torch.from_numpy(spans["not_next"].astype(np.int64)), row, slot, B)
         return out

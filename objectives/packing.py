@@ -12,8 +12,8 @@ one example overflows it) leaves empty: BERT's pairs on the built-in corpus fill
 placed the same way (objectives/sentences.py), then each row's tail gets one more block drawn for it; an
 encoder-decoder numbers the examples of both stacks' rows, and cross-attention stays within each too.
 
-The rows are written from the examples' lengths and offsets alone (`token_slots`): the caller computes each
-packed token from (example, index inside it), so nothing is built at the full row width per example.
+The rows are written from the examples' offsets alone (`row_major`): the caller computes each packed token from
+(example, index inside it), so nothing is built at the full row width per example.
 """
 
 from __future__ import annotations
@@ -75,20 +75,21 @@ def slots(row: np.ndarray) -> np.ndarray:
     return out
 
 
-def token_slots(lengths: np.ndarray, row: np.ndarray, off: np.ndarray, width: int):
-    """For the tokens of the placed examples (lengths[:k], at rows/offsets `row`, `off`): the example of each
-    (tokens,), its index inside it (tokens,), and its flat position row * width + column in the packed rows."""
-    n = lengths[: len(row)]
-    ex = np.repeat(np.arange(len(n)), n)
-    local = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-    return ex, local, row[ex] * width + off[ex] + local
+def row_major(row: np.ndarray, off: np.ndarray, shape: tuple[int, int]):
+    """The packed rows (shape (B, T), row 0 holding an example at offset 0, as first-fit places them) position by
+    position: in row-major order each example's positions run from its first to the next example's (the padding
+    after a row's last example included), so an example's value at all its positions is the value repeated.
+    Returns (each, local): each(v) maps a value per placed example (k,), in drawn order, to every position
+    (B * T,) int32; local (B * T,) is each position's index within its example (>= its length on padding)."""
+    B, T = shape
+    order = np.lexsort((off, row))  # row-major; a row's examples are in drawn order already
+    base = row[order] * T + off[order]
+    seg = np.diff(base, append=B * T)
 
+    def each(v: np.ndarray) -> np.ndarray:
+        return np.repeat(np.asarray(v)[order].astype(np.int32), seg)
 
-def example_ids(ex: np.ndarray, flat: np.ndarray, slot: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-    """(B, T) 1, 2, ... for the examples of a row (their slot + 1), 0 on padding."""
-    ids = np.zeros(shape[0] * shape[1], np.int64)
-    ids[flat] = slot[ex] + 1
-    return torch.from_numpy(ids.reshape(shape))
+    return each, np.arange(B * T, dtype=np.int32) - np.repeat(base.astype(np.int32), seg)
 
 
 def per_example(values: torch.Tensor, row: np.ndarray, slot: np.ndarray, rows: int) -> torch.Tensor:

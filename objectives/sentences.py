@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from objectives.packing import FirstFit
+from objectives.packing import FirstFit, row_major, slots
 
 if TYPE_CHECKING:
     from pretrain.data import TokenSplit
@@ -59,33 +59,24 @@ def block_spans(split: TokenSplit, first_sent: np.ndarray, room: int, cross_docu
 def write_blocks(split: TokenSplit, vocab: Vocab, first_sent: np.ndarray, spans, row: np.ndarray, off: np.ndarray,
                  shape: tuple[int, int]) -> Blocks:
     """The rows (shape (B, T), each with a block at offset 0) holding blocks `first_sent` (k,) with their spans
-    (`block_spans`) at rows `row` and offsets `off`, trimmed to the widest row. In row-major order each block's
-    positions run from its `<s>` to the next block's, so every position's block values are the blocks' values
-    repeated: each array is written in one pass over the rows."""
-    (B, T), order = shape, np.lexsort((off, row))  # blocks in row-major order: within a row, in drawn order
-    first_sent, row, off = first_sent[order], row[order], off[order]
-    a, n, end = (x[order] for x in spans)
+    (`block_spans`) at rows `row` and offsets `off`, trimmed to the widest row; each array is written in one pass
+    over the rows (`packing.row_major`)."""
+    (a, n, end), (B, T) = spans, shape
+    each, local = row_major(row, off, shape)
+    n_pos = each(n)
+    content = (local >= 1) & (local <= n_pos)
+    ids = np.where(content, np.take(split.tokens, each(a - 1) + local, mode="clip"), vocab.pad)
     base = row * T + off  # (k,) flat position of each block's `<s>`
-    slot = np.arange(len(row)) - np.searchsorted(row, row)  # (k,) each block's place in its row
-    seg = np.diff(base, append=B * T)  # (k,) positions from each block's `<s>` to the next block's
-
-    def each(v):  # (B * T,) its block's value v (k,) at every position; padding after a row's last, that one's
-        return np.repeat(v.astype(np.int32), seg)
-
-    pos = np.arange(B * T, dtype=np.int32)
-    last = each(base + n + 1)  # its block's `</s>`
-    content = (pos > each(base)) & (pos < last)
-    toks = np.take(split.tokens, pos + each(a - base - 1), mode="clip")
-    ids = np.where(content, toks, vocab.pad)
     ids[base], ids[base + n + 1] = vocab.bos, vocab.eos
     eos = np.zeros(B * T, bool)
     eos[base + n + 1] = True
-    ex = np.where(pos <= last, each(slot + 1), 0)
+    slot = slots(row)
+    ex = np.where(local <= n_pos + 1, each(slot + 1), 0)
     k = end - first_sent  # sentences per block; sentence j of block b starts at offset so[first_sent + j] - a
-    blk_s = np.repeat(np.arange(len(k)), k)
-    s = first_sent[blk_s] + np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+    blk = np.repeat(np.arange(len(k)), k)
+    s = first_sent[blk] + np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
     sent_first = np.zeros(B * T, bool)
-    sent_first[base[blk_s] + 1 + split.sent_offsets[s] - a[blk_s]] = True
+    sent_first[base[blk] + 1 + split.sent_offsets[s] - a[blk]] = True
     first, nn = np.zeros((B, slot.max() + 1), np.int64), np.zeros((B, slot.max() + 1), np.int64)
     first[row, slot], nn[row, slot] = off, n
     width = int((off + n + 2).max())
