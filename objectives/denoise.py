@@ -229,7 +229,7 @@ class Denoising(Objective):
         labels = blocks.ids.masked_fill(~(blocks.ex > 0), IGNORE_INDEX)
         src, sent_first = blocks.ids, blocks.sent_first
         if self.permute_ratio > 0:
-            src, sent_first = permute_sentences(src, sent_first, blocks.content, blocks.ex, self.permute_ratio, gen)
+            src, sent_first = permute_sentences(blocks, self.permute_ratio, gen)
         input_ids, attention_mask, enc_ex = self.corrupt(src, sent_first, blocks, vocab, gen,
                                                          self.positions_needed(seq_len))
         decoder_input_ids = shift_right(blocks.ids, vocab.eos, vocab.pad)  # pads are pad already, not ignored

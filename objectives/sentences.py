@@ -42,6 +42,8 @@ class Blocks:
     sent_first: torch.Tensor  # bool: the first token of each sentence
     first: torch.Tensor  # (B, E) the position of each block's `<s>` in its row (E: the most blocks in a row)
     n: torch.Tensor  # (B, E) content tokens of each block; 0 where a row has fewer than E blocks
+    sent_len: torch.Tensor  # (B, K) tokens of each sentence of a row, in order (K: the most sentences in a row)
+    sent_block: torch.Tensor  # (B, K) the block (1, 2, ...) of each; 0 past a row's sentences
 
 
 def block_spans(split: TokenSplit, first_sent: np.ndarray, room: int, cross_documents: bool):
@@ -75,14 +77,22 @@ def write_blocks(split: TokenSplit, vocab: Vocab, first_sent: np.ndarray, spans,
     k = end - first_sent  # sentences per block; sentence j of block b starts at offset so[first_sent + j] - a
     blk = np.repeat(np.arange(len(k)), k)
     s = first_sent[blk] + np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+    start = split.sent_offsets[s] - a[blk]
     sent_first = np.zeros(B * T, bool)
-    sent_first[base[blk] + 1 + split.sent_offsets[s] - a[blk]] = True
+    sent_first[base[blk] + 1 + start] = True
     first, nn = np.zeros((B, slot.max() + 1), np.int64), np.zeros((B, slot.max() + 1), np.int64)
     first[row, slot], nn[row, slot] = off, n
+    # The rows' sentences in order (by block, row-major, then within it), for the permutation.
+    in_order = np.argsort(base[blk], kind="stable")
+    s_row = row[blk][in_order]
+    j = np.arange(len(s_row)) - np.searchsorted(s_row, s_row)  # each sentence's place in its row
+    sent_len, sent_block = np.zeros((2, B, int(j.max()) + 1), np.int64)
+    sent_len[s_row, j] = (np.minimum(split.sent_offsets[s + 1] - a[blk], n[blk]) - start)[in_order]
+    sent_block[s_row, j] = (slot + 1)[blk][in_order]
     width = int((off + n + 2).max())
     cut = [torch.from_numpy(x.reshape(B, T)[:, :width]) for x in
            (ids.astype(np.int64), ex.astype(np.int64), content, eos, sent_first)]
-    return Blocks(*cut, torch.from_numpy(first), torch.from_numpy(nn))
+    return Blocks(*cut, *(torch.from_numpy(x) for x in (first, nn, sent_len, sent_block)))
 
 
 def one_per_row(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int, cross: bool) -> Blocks:
@@ -114,24 +124,17 @@ def packed(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int
                         np.concatenate([off, packer.used[tail]]), (B, T))
 
 
-def permute_sentences(ids: torch.Tensor, sent_first: torch.Tensor, content: torch.Tensor, ex: torch.Tensor,
-                      ratio: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def permute_sentences(blocks: Blocks, ratio: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle ceil(k * ratio) randomly chosen sentences of each block (k: its sentences) among their own slots
-    (fairseq's `permute_sentences`); frames and padding stay. ids, sent_first, content, ex (B, T) as in `Blocks`."""
+    (fairseq's `permute_sentences`); frames and padding stay. Returns the rows' (ids, sent_first), each (B, T)."""
+    ids, sent_first, content = blocks.ids, blocks.sent_first, blocks.content
     B, T = ids.shape
-    pos = torch.arange(T)
-    sid = torch.cumsum(sent_first, 1) - 1  # (B, T) sentence of each content token, counted along the row
-    k = sent_first.sum(1)  # (B,) sentences per row
-    K = int(k.max())
-    sid_c = sid.clamp(0, K - 1)
-    lens = torch.zeros(B, K, dtype=torch.long).scatter_add_(1, sid_c, content.long())  # (B, K)
+    lens, group = blocks.sent_len, blocks.sent_block  # (B, K)
+    K = lens.size(1)
+    sid_c = (torch.cumsum(sent_first, 1) - 1).clamp_(0, K - 1)  # (B, T) each content token's sentence in its row
     r = torch.arange(K)
-    valid = r < k[:, None]
-    E1 = int(ex.max()) + 1
-    if E1 > 2:  # each sentence's block, 0 past a row's sentences
-        group = torch.zeros(B, K + 1, dtype=torch.long).scatter_(1, sid_c.masked_fill(~content, K), ex)[:, :K]
-    else:
-        group = valid.long()
+    valid = group > 0
+    E1 = blocks.n.size(1) + 1
     if ratio < 1.0:  # the block's sentences with the smallest random keys; keys sort blocks apart first
         count = torch.zeros(B, E1, dtype=torch.long).scatter_add_(1, group, valid.long())  # sentences per block
         n_perm = torch.ceil(count * ratio).long().gather(1, group)  # (B, K) how many of its block's to shuffle
@@ -149,6 +152,6 @@ def permute_sentences(ids: torch.Tensor, sent_first: torch.Tensor, content: torc
     slot_len = lens.gather(1, ordering)
     new_start = torch.empty_like(lens).scatter_(1, ordering, slot_len.cumsum(1) - slot_len)  # per sentence
     shift = (new_start - old_start).gather(1, sid_c).masked_fill_(~content, 0)  # (B, T)
-    new_pos = shift.add_(pos)  # a permutation of 0..T-1 in every row
+    new_pos = shift.add_(torch.arange(T))  # a permutation of 0..T-1 in every row
     out_ids = torch.empty_like(ids).scatter_(1, new_pos, ids)
     return out_ids, torch.empty_like(sent_first).scatter_(1, new_pos, sent_first)
