@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import Arch
-from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, lm_terms, shift_right
+from objectives.base import IGNORE_INDEX, Batch, Framing, Objective, Terms, lm_terms
 from objectives.sentences import Blocks, block_spans, one_per_row, packed, permute_sentences
 from pretrain.errors import UserError
 
@@ -232,7 +232,7 @@ class Denoising(Objective):
             src, sent_first = permute_sentences(blocks, self.permute_ratio, gen)
         input_ids, attention_mask, enc_ex = self.corrupt(src, sent_first, blocks, vocab, gen,
                                                          self.positions_needed(seq_len))
-        decoder_input_ids = shift_right(blocks.ids, vocab.eos, vocab.pad)  # pads are pad already, not ignored
+        decoder_input_ids = F.pad(blocks.ids[:, :-1], (1, 0), value=vocab.eos)  # the ids shifted behind `</s>`
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                "decoder_input_ids": decoder_input_ids}
         if self.pack:  # every block's decoder starts at `</s>`, which is also the block before's last target
@@ -302,15 +302,17 @@ class Denoising(Objective):
         edge.scatter_add_(0, (start + lengths).flatten(), -pos_span.flatten().long())
         covered = edge.view(B, W + 1).cumsum(1) > 0  # (B, W + 1)
         heads = torch.zeros(B * (W + 1), dtype=torch.bool).scatter_(0, start.flatten(), pos_span.flatten())
-        ins = torch.zeros(B * (W + 1), dtype=torch.long).scatter_add_(0, start.flatten(),
-                                                                     (live & (lengths == 0)).flatten().long())
-        heads, ins = heads.view(B, W + 1), ins.view(B, W + 1)
         wid_c = wid.masked_fill(~content, 0)
         masked = covered.gather(1, wid_c)
-        head = word_first & heads.gather(1, wid_c)
-        # A zero-length span at word w inserts before w's first piece; at a block's last word + 1, before `</s>`.
-        n_ins = ins.gather(1, wid).masked_fill_(~opens, 0)
-        return masked, head, n_ins
+        head = word_first & heads.view(B, W + 1).gather(1, wid_c)
+        # A zero-length span at word w inserts before w's first piece; at a block's last word + 1, before `</s>`:
+        # the first position of the flattened rows whose word number reaches w's (a few spans, so a search).
+        n_ins = torch.zeros(B * T, dtype=torch.long)
+        zero = live & (lengths == 0)
+        if bool(zero.any()):
+            at = torch.searchsorted((wid + (torch.arange(B) * (W + 1))[:, None]).view(-1), start[zero])
+            n_ins.index_add_(0, at, torch.ones_like(at))
+        return masked, head, n_ins.view(B, T)
 
     def _finish(self, out: torch.Tensor, total: torch.Tensor, out_ex: torch.Tensor | None, vocab: Vocab,
                 gen: torch.Generator, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
