@@ -257,8 +257,10 @@ class MaskedLM(Objective):
             project=lm_terms(labels[sel], "mlm", label_smoothing),  # the rows of sel, row-major
         )
         terms = dict(out.logits)
-        if self.nsp:
-            terms |= ce_terms(out.cls_logits, batch["next_sentence_label"], "nsp", label_smoothing)  # (B, 2)
+        if self.nsp:  # packed: (B, E) labels, of which a slice of the rows may leave trailing columns all ignored
+            nsp = batch["next_sentence_label"]
+            terms |= ce_terms(out.cls_logits, nsp[:, : out.cls_logits.size(1)] if nsp.dim() == 2 else nsp, "nsp",
+                              label_smoothing)
         return terms
 
     def baseline(self, split: TokenSplit, vocab: Vocab, seq_len: int = 128) -> dict[str, float]:

@@ -212,24 +212,27 @@ def test_packed_blocks_are_the_drawn_prefix_then_one_tail_block_per_row():
     assert fill[True] > 0.95 and fill[True] > fill[False] + 0.03, fill  # here 96% against 91%
 
 
-def test_packed_denoising_accumulates_row_by_row():
+@pytest.mark.parametrize("name", ["mlm", "denoise", "prefix"])
+def test_packed_rows_accumulate_row_by_row(name):
     """A packed batch's rows are independent: SGD on the whole batch equals SGD on its rows in micro-batches."""
-    from objectives.denoise import Denoising
+    from objectives import OBJECTIVES
     from pretrain.config import TrainConfig
     from pretrain.metrics import Meter
     from pretrain.optim import build_optimizer
     from pretrain.runtime import Engine, Runtime
     from pretrain.trainer import train_step
 
-    obj = Denoising(pack=True)
-    full = obj.batch(SPLIT, VOCAB, make_generator(3), 8, 64)
-    assert int(full["decoder_example_ids"].max()) > 1
+    obj = OBJECTIVES[name](pack=True)
+    vocab = Vocab.synthetic(1000, word_start_every=2)
+    split = make_split(seed=1, max_doc=2, unique=False, vocab_size=1000)  # short documents: short NSP pairs
+    full = obj.batch(split, vocab, make_generator(0), 16, 128)
+    assert int(full["example_ids"].max()) > 1
     tc = TrainConfig(optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, clip=0.0)
     params = []
-    for micro in ([full], [{k: v[i: i + 2] for k, v in full.items()} for i in range(0, 8, 2)]):
+    for micro in ([full], [{k: v[i: i + 4] for k, v in full.items()} for i in range(0, 16, 4)]):
         torch.manual_seed(0)
-        cfg = ModelConfig(n_layers=1, n_heads=2, d_model=32, d_ff=64, max_len=64, dropout=0.0)
-        model = Transformer(cfg, obj.arch, VOCAB.size)
+        cfg = ModelConfig(n_layers=1, n_heads=2, d_model=32, d_ff=64, max_len=128, dropout=0.0)
+        model = Transformer(cfg, obj.arch, vocab.size)
         engine = Engine(Runtime(torch.device("cpu"), None), model, model,
                         build_optimizer(model, tc, torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False))
         train_step(obj, engine, micro, tc, Meter())
