@@ -232,12 +232,11 @@ class Denoising(Objective):
             src, sent_first = permute_sentences(blocks, self.permute_ratio, gen)
         input_ids, attention_mask, enc_ex = self.corrupt(src, sent_first, blocks, vocab, gen,
                                                          self.positions_needed(seq_len))
-        decoder_input_ids = F.pad(blocks.ids[:, :-1], (1, 0), value=vocab.eos)  # the ids shifted behind `</s>`
+        # The ids shifted behind `</s>`: packed, every block's decoder starts at the `</s>` that ends the block before.
+        decoder_input_ids = F.pad(blocks.ids[:, :-1], (1, 0), value=vocab.eos)
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                "decoder_input_ids": decoder_input_ids}
-        if self.pack:  # every block's decoder starts at `</s>`, which is also the block before's last target
-            live = blocks.n > 0
-            decoder_input_ids[torch.nonzero(live, as_tuple=True)[0], blocks.first[live]] = vocab.eos
+        if self.pack:
             out |= {"example_ids": enc_ex, "decoder_example_ids": blocks.ex}
         return out
 

@@ -115,13 +115,14 @@ def packed(split: TokenSplit, vocab: Vocab, gen: torch.Generator, B: int, T: int
             break
     row, off = packer.placed()
     drawn = [np.concatenate(p)[: len(row)] for p in zip(*parts, strict=True)]  # starts, a, n, end of the placed
-    room = T - 2 - packer.used  # (B,) content tokens a last block of each row may take
+    used = packer.used
+    room = T - 2 - used  # (B,) content tokens a last block of each row may take
     tail = np.flatnonzero(room >= TAIL_ROOM)
     starts = torch.randint(0, split.n_sents, (B,), generator=gen).numpy()[tail]  # one draw per row, used or not
     last = (starts, *block_spans(split, starts, room[tail], cross))
     starts, a, n, end = (np.concatenate([d, t]) for d, t in zip(drawn, last, strict=True))
     return write_blocks(split, vocab, starts, (a, n, end), np.concatenate([row, tail]),
-                        np.concatenate([off, packer.used[tail]]), (B, T))
+                        np.concatenate([off, used[tail]]), (B, T))
 
 
 def permute_sentences(blocks: Blocks, ratio: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
