@@ -79,57 +79,67 @@ if TYPE_CHECKING:
 
 
 @lru_cache(maxsize=16)
-def poisson_cdf(lam: float) -> torch.Tensor:
+def poisson_cdf(lam: float) -> np.ndarray:
     """(K,) float64 cumulative distribution of Poisson(lam) up to where the tail is below 1e-12; a uniform
-    u maps to the draw searchsorted(cdf, u, right=True) (inverse-CDF sampling: exact up to that tail)."""
+    u maps to the draw searchsorted(cdf, u, side="right") (inverse-CDF sampling: exact up to that tail)."""
     k_max = int(lam + 12 * math.sqrt(lam) + 30)
     k = torch.arange(k_max + 1, dtype=torch.float64)
     log_pmf = k * math.log(lam) - lam - torch.lgamma(k + 1)
     cdf = log_pmf.exp().cumsum(0)
-    return cdf[: int((cdf < 1 - 1e-12).sum()) + 1].clamp(max=1.0)
+    return cdf[: int((cdf < 1 - 1e-12).sum()) + 1].clamp(max=1.0).numpy()
 
 
-def poisson_spans(budget: torch.Tensor, lam: float,
+# The span draws below work on (blocks, spans) arrays of a few thousand numbers, where numpy's per-call cost is a
+# fraction of torch's; their uniforms still come from the batch's torch generator. Products of a float32 uniform
+# and a count are taken in float32, as torch would.
+
+def poisson_spans(budget: torch.Tensor | np.ndarray, lam: float,
                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Span lengths for each row: Poisson(lam) draws until they sum to budget (B,), the last cut to fit and
     then swapped with a uniformly random span. Returns (lengths (B, S) int64, zero past each row's spans;
     m (B,) number of spans, 0 where the budget is 0; cut (B,) index of the cut span, the one not a whole draw)."""
     cdf = poisson_cdf(lam)
-    B = budget.numel()
+    budget = np.asarray(budget, dtype=np.int64)
+    B = len(budget)
     top = int(budget.max()) if B else 0
     S = int(top / max(lam, 1e-3) + 4 * math.sqrt(top / max(lam, 1e-3)) + 4)  # almost always enough draws
-    u = torch.rand(B, S, generator=gen, dtype=torch.float64)
-    lengths = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.numel() - 1)
+
+    def draw() -> np.ndarray:
+        u = torch.rand(B, S, generator=gen, dtype=torch.float64).numpy()
+        return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
+
+    lengths = draw()
     cum = lengths.cumsum(1)
     while bool((cum[:, -1] < budget).any()):  # rare: a row's draws fell short; draw another round
-        u = torch.rand(B, S, generator=gen, dtype=torch.float64)
-        lengths = torch.cat([lengths, torch.searchsorted(cdf, u, right=True).clamp(max=cdf.numel() - 1)], 1)
+        lengths = np.concatenate([lengths, draw()], 1)
         cum = lengths.cumsum(1)
-    S = lengths.size(1)
-    m = torch.where(budget > 0, (cum < budget[:, None]).sum(1) + 1, 0)  # (B,) first index reaching the budget, +1
-    r = torch.arange(S)
-    last = r == (m - 1)[:, None]
-    lengths = torch.where(last, budget[:, None] - (cum - lengths), lengths).masked_fill(r >= m[:, None], 0)
+    S = lengths.shape[1]
+    m = np.where(budget > 0, (cum < budget[:, None]).sum(1) + 1, 0)  # (B,) first index reaching the budget, +1
+    r = np.arange(S)
+    lengths = np.where(r == (m - 1)[:, None], budget[:, None] - (cum - lengths), lengths)
+    lengths[r >= m[:, None]] = 0
     # The cut span takes a uniformly random place among the row's spans (its lengths are otherwise i.i.d.).
-    j = (torch.rand(B, generator=gen) * m).long().clamp(max=(m - 1).clamp(min=0))[:, None]  # (B, 1)
-    i = (m - 1).clamp(min=0)[:, None]
-    lj, li = lengths.gather(1, j), lengths.gather(1, i)
-    lengths = lengths.scatter(1, j, li).scatter(1, i, lj)
-    return lengths, m, j[:, 0]
+    u = torch.rand(B, generator=gen).numpy()
+    i = np.maximum(m - 1, 0)
+    j = np.minimum((u * m.astype(np.float32)).astype(np.int64), i)  # (B,)
+    rows = np.arange(B)
+    lengths[rows, j], lengths[rows, i] = lengths[rows, i], lengths[rows, j]
+    return torch.from_numpy(lengths), torch.from_numpy(m), torch.from_numpy(j)
 
 
-def place_spans(n_words: torch.Tensor, lengths: torch.Tensor, m: torch.Tensor,
-                gen: torch.Generator) -> torch.Tensor:
+def place_spans(n_words: np.ndarray, lengths: np.ndarray, m: np.ndarray, gen: torch.Generator) -> np.ndarray:
     """First word (B, S) of each span, laid out left to right with the unmasked words as gaps (see the
     module docstring): at least one unmasked word between consecutive spans when there are enough, the rest
     split by the spacings of sorted uniform draws. Entries past a row's m spans are meaningless."""
     B, S = lengths.shape
-    r = torch.arange(S)
+    r = np.arange(S)
     kept = n_words - lengths.sum(1)  # (B,) unmasked words
-    sep = (kept >= m - 1).long()  # (B,) 1 = keep one unmasked word between consecutive spans
-    free = kept - sep * (m - 1).clamp(min=0)  # (B,) unmasked words left to distribute over the m + 1 gaps
-    u = torch.rand(B, S, generator=gen).masked_fill(r >= m[:, None], 2.0).sort(1).values
-    c = (u * (free + 1)[:, None]).long().clamp(max=free[:, None])  # (B, S) free words before span r
+    sep = (kept >= m - 1).astype(np.int64)  # (B,) 1 = keep one unmasked word between consecutive spans
+    free = kept - sep * np.maximum(m - 1, 0)  # (B,) unmasked words left to distribute over the m + 1 gaps
+    u = torch.rand(B, S, generator=gen).numpy()
+    u[r >= m[:, None]] = 2.0
+    u.sort(1)
+    c = np.minimum((u * (free + 1).astype(np.float32)[:, None]).astype(np.int64), free[:, None])  # free words before r
     return c + (lengths.cumsum(1) - lengths) + sep[:, None] * r
 
 
@@ -286,15 +296,16 @@ class Denoising(Objective):
         W = int(wid[:, -1].max()) + 1
         first_word = wid.gather(1, blocks.first + 1)  # (B, E) the row-wide number of each block's word 0
         n_words = wid.gather(1, blocks.first + blocks.n + 1) - first_word  # (B, E): its `</s>` ends the count
-        live_block = blocks.n > 0  # (B, E); the spans of the k live blocks, then laid into their rows
-        row = live_block.nonzero()[:, 0]  # (k,)
-        n_words, first_word = n_words[live_block], first_word[live_block]  # (k,)
-        budget = (self.mask_ratio * n_words + 0.5).floor().long()  # (k,) words to mask
-        lengths, m, _ = poisson_spans(budget, self.poisson_lambda, gen)  # (k, S)
+        live_block = blocks.n.numpy() > 0  # (B, E); the spans of the k live blocks, then laid into their rows
+        row = np.nonzero(live_block)[0]  # (k,)
+        n_words, first_word = n_words.numpy()[live_block], first_word.numpy()[live_block]  # (k,)
+        budget = np.floor(self.mask_ratio * n_words + 0.5).astype(np.int64)  # (k,) words to mask
+        lengths, m, _ = (x.numpy() for x in poisson_spans(budget, self.poisson_lambda, gen))  # (k, S)
         start = place_spans(n_words, lengths, m, gen)  # (k, S) first word of each span, in its block
-        live = torch.arange(lengths.size(1)) < m[:, None]
-        start = (start + first_word[:, None]).masked_fill_(~live, 0) + (row * (W + 1))[:, None]  # flat (B, W + 1)
+        live = np.arange(lengths.shape[1]) < m[:, None]
+        start = np.where(live, start + first_word[:, None], 0) + (row * (W + 1))[:, None]  # flat (B, W + 1)
         pos_span = live & (lengths > 0)
+        start, lengths, live, pos_span = (torch.from_numpy(x) for x in (start, lengths, live, pos_span))
         # Covered words: +1 at each span's first word, -1 just past its last, then a running sum.
         edge = torch.zeros(B * (W + 1), dtype=torch.long)
         edge.scatter_add_(0, start.flatten(), pos_span.flatten().long())
