@@ -10,6 +10,10 @@ every objective, packed or not). Beside them, the non-padding share of the posit
 the model compute (an encoder-decoder's decoder too: `objectives.base.computed_positions`): on short documents
 (the built-in corpus averages ~60 tokens a docstring) BERT pairs at 512 are mostly padding, and ours and the peer
 need not fill alike.
+
+The process keeps freed memory mapped (`pretrain.runtime.keep_freed_memory`), as the trainer does before it
+forks its DataLoader workers, so batches are timed as the workers build them; the peers gain from it alike.
+Without it a denoising batch takes ~10% longer (its few dozen batch-sized tensors fault their pages in anew).
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ def bench_batches(names: list[str] | None, batch_size: int, seq_len: int, second
     from benchmarks.peers import PEERS, TARGETS
     from objectives import OBJECTIVES
     from pretrain.config import DataConfig, objective_class
+    from pretrain.runtime import keep_freed_memory
 
     # The mixture builds its rows with its components' batch code, timed under their own names; its UL2 default
     # needs more sentinels at 512 than the tokenizer has.
@@ -91,6 +96,7 @@ def bench_batches(names: list[str] | None, batch_size: int, seq_len: int, second
         prepared = prepare(DataConfig(source=source or ""), extra_pieces=pieces, progress=console is not None,
                            console=console)
         split, vocab = prepared.cache.split("train"), prepared.tokenizer.vocab
+    keep_freed_memory()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
