@@ -122,9 +122,9 @@ def within_examples(score: torch.Tensor, word_len: torch.Tensor, group: torch.Te
     order = torch.from_numpy(key & ((1 << pos_bits) - 1))
     sorted_score = torch.from_numpy(((key >> pos_bits) & ((1 << 26) - 1)).astype(np.float32) * 2.0**-24)
     g = torch.from_numpy(key >> (pos_bits + 26))
-    sizes = word_len.gather(1, order)
-    count = sizes.cumsum(1)
-    first = torch.ones_like(g, dtype=torch.bool)
-    first[:, 1:] = g[:, 1:] != g[:, :-1]
-    count -= torch.where(first, count - sizes, 0).cummax(1).values  # pieces before, within the example
+    count = word_len.gather(1, order).cumsum(1)
+    # The keys sort a row's examples apart, so the pieces before a word in other examples are those of the
+    # examples numbered below its own.
+    pieces = torch.zeros(B, int(g.max()) + 1, dtype=count.dtype).scatter_add_(1, group, word_len)  # per example
+    count -= (pieces.cumsum(1) - pieces).gather(1, g)
     return order, sorted_score, count, g
