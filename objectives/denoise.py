@@ -236,7 +236,7 @@ class Denoising(Objective):
         if split.n_sents < 1:
             raise ValueError("split has no sentences")
         blocks = (packed if self.pack else one_per_row)(split, vocab, gen, batch_size, seq_len, self.cross_documents)
-        labels = blocks.ids.masked_fill(~(blocks.ex > 0), IGNORE_INDEX)
+        labels = blocks.ids.masked_fill(~blocks.inside, IGNORE_INDEX)
         src, sent_first = blocks.ids, blocks.sent_first
         if self.permute_ratio > 0:
             src, sent_first = permute_sentences(blocks, self.permute_ratio, gen)
@@ -261,7 +261,7 @@ class Denoising(Objective):
         word_first = content & (vocab.word_start_t[src] | sent_first)
         masked, head, n_ins = self._infill(content, word_first, blocks, gen)
         single = None
-        keep = (blocks.ex > 0) & ~masked | head  # (B, T) positions that emit: frames, kept content, span heads
+        keep = blocks.inside & ~masked | head  # (B, T) positions that emit: frames, kept content, span heads
         if self.delete_ratio > 0 or self.token_mask_ratio > 0:
             u = torch.rand(B, T, generator=gen)
             rest = content & ~masked

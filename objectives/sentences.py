@@ -37,6 +37,7 @@ class Blocks:
 
     ids: torch.Tensor  # token ids, pads after a row's last block
     ex: torch.Tensor  # the block of each position within its row: 1, 2, ...; 0 on padding
+    inside: torch.Tensor  # bool: a position of a block (ex > 0), frames included
     content: torch.Tensor  # bool: a block's content token (not `<s>`, `</s>` or padding)
     eos: torch.Tensor  # bool: a block's `</s>`
     sent_first: torch.Tensor  # bool: the first token of each sentence
@@ -73,7 +74,8 @@ def write_blocks(split: TokenSplit, vocab: Vocab, first_sent: np.ndarray, spans,
     eos = np.zeros(B * T, bool)
     eos[base + n + 1] = True
     slot = slots(row)
-    ex = np.where(local <= n_pos + 1, each(slot + 1), 0)
+    inside = local <= n_pos + 1
+    ex = np.where(inside, each(slot + 1), 0)
     k = end - first_sent  # sentences per block; sentence j of block b starts at offset so[first_sent + j] - a
     blk = np.repeat(np.arange(len(k)), k)
     s = first_sent[blk] + np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
@@ -91,7 +93,7 @@ def write_blocks(split: TokenSplit, vocab: Vocab, first_sent: np.ndarray, spans,
     sent_block[s_row, j] = (slot + 1)[blk][in_order]
     width = int((off + n + 2).max())
     cut = [torch.from_numpy(x.reshape(B, T)[:, :width]) for x in
-           (ids.astype(np.int64), ex.astype(np.int64), content, eos, sent_first)]
+           (ids.astype(np.int64), ex.astype(np.int64), inside, content, eos, sent_first)]
     return Blocks(*cut, *(torch.from_numpy(x) for x in (first, nn, sent_len, sent_block)))
 
 
