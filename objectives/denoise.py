@@ -157,7 +157,7 @@ def _emit(value: torch.Tensor, keep: torch.Tensor, n_ins: torch.Tensor, n_rand: 
     total = ends[:, -1]  # (B,) source lengths
     S = int(total.max())
     out = torch.full((B, S + 1), vocab.mask, dtype=torch.long)  # unwritten slots are inserted [MASK]s
-    out.scatter_(1, out_pos.masked_fill(~keep, S), value)
+    out.scatter_(1, torch.where(keep, out_pos, S), value)
     if n_rand is not None:
         # Mark each run of random insertions with +1 at its first slot and -1 past its last.
         first = out_pos - n_before  # (B, T) first output slot of each position's insertions
@@ -258,7 +258,7 @@ class Denoising(Objective):
         B, T = src.shape
         content = blocks.content
         # Words: a word-start piece or a sentence's first piece opens one.
-        word_first = content & (vocab.word_start_t[src] | sent_first)
+        word_first = content & (torch.from_numpy(vocab.word_start[src.numpy()]) | sent_first)  # numpy's lookup: 3x
         masked, head, n_ins = self._infill(content, word_first, blocks, gen)
         single = None
         keep = blocks.inside & ~masked | head  # (B, T) positions that emit: frames, kept content, span heads
@@ -312,7 +312,7 @@ class Denoising(Objective):
         edge.scatter_add_(0, (start + lengths).flatten(), -pos_span.flatten().long())
         covered = edge.view(B, W + 1).cumsum(1) > 0  # (B, W + 1)
         heads = torch.zeros(B * (W + 1), dtype=torch.bool).scatter_(0, start.flatten(), pos_span.flatten())
-        wid_c = wid.masked_fill(~content, 0)
+        wid_c = wid * content
         masked = covered.gather(1, wid_c)
         head = word_first & heads.view(B, W + 1).gather(1, wid_c)
         # A zero-length span at word w inserts before w's first piece; at a block's last word + 1, before `</s>`:
@@ -348,7 +348,7 @@ class Denoising(Objective):
             c_s, off_s = c.gather(1, gi), off.gather(1, gi)
             inner = (g > 0) & (slot > st) & (slot < st + size.gather(1, gi) - 1)
             out = out.gather(1, torch.where(inner, st + 1 + (slot - st - 1 + off_s) % c_s, slot))
-        out = out.masked_fill(~attention_mask, vocab.pad)
+        out = torch.where(attention_mask, out, vocab.pad)
         if self.random_ratio > 0:  # last, so the same seed masks the same spans whatever random_ratio is
             at = (out == vocab.mask).view(-1).nonzero()[:, 0]  # the [MASK]s, each a coin
             at = at[torch.rand(len(at), generator=gen) < self.random_ratio]

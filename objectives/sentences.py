@@ -154,7 +154,7 @@ def permute_sentences(blocks: Blocks, ratio: float, gen: torch.Generator) -> tup
     old_start = lens.cumsum(1) - lens  # (B, K) in content tokens, which a block's sentences fill contiguously
     slot_len = lens.gather(1, ordering)
     new_start = torch.empty_like(lens).scatter_(1, ordering, slot_len.cumsum(1) - slot_len)  # per sentence
-    shift = (new_start - old_start).gather(1, sid_c).masked_fill_(~content, 0)  # (B, T)
+    shift = (new_start - old_start).gather(1, sid_c).mul_(content)  # (B, T), 0 off content
     new_pos = shift.add_(torch.arange(T))  # a permutation of 0..T-1 in every row
     out_ids = torch.empty_like(ids).scatter_(1, new_pos, ids)
     return out_ids, torch.empty_like(sent_first).scatter_(1, new_pos, sent_first)
