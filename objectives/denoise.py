@@ -236,7 +236,7 @@ class Denoising(Objective):
         if split.n_sents < 1:
             raise ValueError("split has no sentences")
         blocks = (packed if self.pack else one_per_row)(split, vocab, gen, batch_size, seq_len, self.cross_documents)
-        labels = blocks.ids.masked_fill(~blocks.inside, IGNORE_INDEX)
+        labels = torch.where(blocks.inside, blocks.ids, IGNORE_INDEX)
         src, sent_first = blocks.ids, blocks.sent_first
         if self.permute_ratio > 0:
             src, sent_first = permute_sentences(blocks, self.permute_ratio, gen)

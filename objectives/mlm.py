@@ -194,8 +194,8 @@ class MaskedLM(Objective):
         else:
             wid, word_len = None, cand.long()
 
-        no_word = ~cand if wid is None else word_len == 0
-        score = torch.rand(B, T, generator=gen).masked_fill_(no_word, 2.0)  # (B, T) per word; 2 = no word
+        is_word = cand if wid is None else word_len > 0
+        score = torch.where(is_word, torch.rand(B, T, generator=gen), 2.0)  # (B, T) per word; 2 = no word
         if self.selection == "bernoulli" and not self.max_predictions:
             take = score < self.mask_prob  # (B, T) an independent coin per word
         else:
@@ -209,7 +209,7 @@ class MaskedLM(Objective):
         ids.view(-1)[flat[u < self.mask_frac]] = vocab.mask
         ordinary = vocab.ordinary_ids
         ids.view(-1)[rand] = ordinary[torch.randint(len(ordinary), (len(rand),), generator=gen)]
-        labels = input_ids.masked_fill(~sel, IGNORE_INDEX)
+        labels = torch.where(sel, input_ids, IGNORE_INDEX)
         return ids, labels
 
     def _budgeted(self, score: torch.Tensor, word_len: torch.Tensor, real: torch.Tensor,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from objectives.packing import FirstFit, row_major, slots
 
@@ -134,7 +135,7 @@ def permute_sentences(blocks: Blocks, ratio: float, gen: torch.Generator) -> tup
     B, T = ids.shape
     lens, group = blocks.sent_len, blocks.sent_block  # (B, K)
     K = lens.size(1)
-    sid_c = (torch.cumsum(sent_first, 1) - 1).clamp_(0, K - 1)  # (B, T) each content token's sentence in its row
+    sid = torch.cumsum(sent_first, 1)  # (B, T) each content token's sentence in its row, from 1
     r = torch.arange(K)
     valid = group > 0
     E1 = blocks.n.size(1) + 1
@@ -154,7 +155,7 @@ def permute_sentences(blocks: Blocks, ratio: float, gen: torch.Generator) -> tup
     old_start = lens.cumsum(1) - lens  # (B, K) in content tokens, which a block's sentences fill contiguously
     slot_len = lens.gather(1, ordering)
     new_start = torch.empty_like(lens).scatter_(1, ordering, slot_len.cumsum(1) - slot_len)  # per sentence
-    shift = (new_start - old_start).gather(1, sid_c).mul_(content)  # (B, T), 0 off content
+    shift = F.pad(new_start - old_start, (1, 0)).gather(1, sid).mul_(content)  # (B, T), 0 off content
     new_pos = shift.add_(torch.arange(T))  # a permutation of 0..T-1 in every row
     out_ids = torch.empty_like(ids).scatter_(1, new_pos, ids)
     return out_ids, torch.empty_like(sent_first).scatter_(1, new_pos, sent_first)
