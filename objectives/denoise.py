@@ -49,8 +49,9 @@ ordinary token (never a special piece; fairseq draws from [1, V), specials inclu
   `rotate_ratio` is the probability a block is rotated to start at a uniformly random token, `<s>`/`</s>`
   kept in place.
 
-Everything is tensor code over the whole batch: the only loops are over a few numbers of rounds (drawing
-more Poisson lengths in the rare batch where the first draw falls short of a budget).
+Everything is array code over the whole batch (torch, and numpy for the small per-span arrays): the only loops
+are over a few numbers of rounds (drawing more Poisson lengths in the rare batch where the first draw falls short
+of a budget).
 Every step works block by block within the rows (one block a row is the case of one), so packed rows need no
 code of their own. The source is padded per batch to its longest row with an `attention_mask`; it is cut to
 `positions_needed(seq_len)` (keeping `</s>`) in the pathological case where zero-length spans make it
