@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models import cache as kv
-from models.cache import KVCache, first_tokens, packed_masks, padding_mask, position_ids, self_attention_mask
+from models.cache import KVCache  # also imported from here: models.transformer.KVCache
 from models.config import Arch, ModelConfig
 from models.layers import Block, Context, RelativeBias, activation_fn, make_norm, rope_angles, sinusoid_table
 
@@ -119,7 +119,7 @@ class Stack(nn.Module):
         if self.rel_bias is not None:  # computed once, shared by every layer (T5)
             k_pos = torch.arange(past + T, device=x.device)
             bias = self.rel_bias(k_pos[past:], k_pos)  # (1, nh, T, L)
-        mask, is_causal = self_attention_mask(self.causal, T, past, key_mask, bias, x.device)
+        mask, is_causal = kv.self_attention_mask(self.causal, T, past, key_mask, bias, x.device)
         rope = rope_angles(pos, cfg.d_model // cfg.n_heads, cfg.rope_theta) if cfg.positions == "rope" else None
         ctx = Context(mask, is_causal, rope, memory, memory_mask)
         for i, block in enumerate(self.blocks):
@@ -252,9 +252,9 @@ class Transformer(nn.Module):
         key_mask = attention_mask.bool() if attention_mask is not None else None
         x = self.embed_tokens(input_ids, token_type_ids)
         if example_ids is not None:
-            pos, key_mask = packed_masks(example_ids, key_mask)
+            pos, key_mask = kv.packed_masks(example_ids, key_mask)
             return self.encoder(x, pos, key_mask)
-        return self.encoder(x, position_ids(S, 0, key_mask, x.device), key_mask)
+        return self.encoder(x, kv.position_ids(S, 0, key_mask, x.device), key_mask)
 
     def decode_hidden(
         self,
@@ -279,7 +279,7 @@ class Transformer(nn.Module):
         if example_ids is not None or memory_example_ids is not None:
             if cache is not None or example_ids is None or (self.encoder is None) != (memory_example_ids is None):
                 raise ValueError("packed rows train without a cache, numbering an encoder-decoder's both stacks")
-            pos, key_mask = packed_masks(example_ids, new_mask)
+            pos, key_mask = kv.packed_masks(example_ids, new_mask)
             cross = kv.packed_cross_mask(example_ids, memory_example_ids) if self.encoder is not None else None
             return self.decoder(self.embed_tokens(ids, token_type_ids), pos, key_mask, memory, cross)
         key_mask = cache.grow_mask(new_mask, B, T) if cache is not None else new_mask  # (B, L) or None
@@ -290,11 +290,11 @@ class Transformer(nn.Module):
             elif memory is None:
                 raise ValueError("an encoder-decoder's first decode() needs the encoder output `memory`")
             else:
-                cross_mask = padding_mask(memory_mask) if memory_mask is not None else None
+                cross_mask = kv.padding_mask(memory_mask) if memory_mask is not None else None
                 if cache is not None:
                     cache.memory_mask = cross_mask
         x = self.embed_tokens(ids, token_type_ids)
-        h = self.decoder(x, position_ids(T, past, key_mask, x.device), key_mask, memory, cross_mask, cache)
+        h = self.decoder(x, kv.position_ids(T, past, key_mask, x.device), key_mask, memory, cross_mask, cache)
         if cache is not None:
             cache.length += T
         return h
@@ -350,7 +350,7 @@ class Transformer(nn.Module):
         if self.pooler is None:
             cls_logits = None
         else:
-            cls_logits = self.pooler(h, first_tokens(example_ids) if example_ids is not None else None)
+            cls_logits = self.pooler(h, kv.first_tokens(example_ids) if example_ids is not None else None)
         if output_mask is not None:
             h = h[output_mask]  # (N, C)
         return ModelOutput(self.lm_head(h, self.embed.weight, project), cls_logits)
