@@ -239,9 +239,10 @@ def _add_at_labels(g: torch.Tensor, yk: torch.Tensor, value: float) -> None:
     g.index_put_((rows, yk[:, 0]), torch.full((g.size(0),), value, dtype=g.dtype, device=g.device), accumulate=True)
 
 
-def _chunk_fp32(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing: float):
+def _chunk_fp32(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing: float, out=None):
     """One chunk's (smoothed) loss, NLL and hits per row, and the gradient w.r.t. its logits z (n, V), in fp32:
-    one log_softmax pass (max-with-indices, exp, sum and divide apart cost twice as much on CPU)."""
+    one log_softmax pass (max-with-indices, exp, sum and divide apart cost twice as much on CPU). `out` is
+    not used (the gradient is fp32 here; the caller converts it)."""
     z = z.float()
     hit = top_hit(z, yk)
     lp = torch.log_softmax(z, -1)
@@ -255,12 +256,14 @@ def _chunk_fp32(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing
     return loss, nll, hit, g
 
 
-def _chunk_bf16(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing: float):
+def _chunk_bf16(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing: float,
+                out: torch.Tensor | None = None):
     """`_chunk_fp32` for bf16 logits on CPU without an fp32 copy of them: the softmax (fp32 inside) writes bf16
     probabilities, which are the gradient's precision anyway (it enters the bf16 matmuls), and the NLL is
     -log p[label] in fp32 from them (within 0.004 nats of the fp32 figure; bf16 keeps fp32's exponent range, and
-    a label probability that still underflows is recomputed in fp32). 6% of a tiny GPT-2 step here."""
-    g = torch.softmax(z, -1)  # (n, V) bf16
+    a label probability that still underflows is recomputed in fp32). 6% of a tiny GPT-2 step here. The
+    gradient is written into `out` when given (the caller's whole logit gradient: no copy of each chunk)."""
+    g = torch.softmax(z, -1, out=out)  # (n, V) bf16
     hit, zy = top_hit(z, yk), z.gather(1, yk)[:, 0].float()
     logp = g.gather(1, yk)[:, 0].float().log()
     lost = torch.isinf(logp) & keep
@@ -301,7 +304,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             x, y = x_all[i:i + rows], labels[i:i + rows]
             keep = y != IGNORE_INDEX
             yk = y.clamp(min=0)[:, None]
-            loss, nll, hit, g = chunk_terms(F.linear(x, w, b), yk, keep, smoothing)  # logits (n, V) in dtype
+            into = g_all[i:i + rows] if g_all is not None else None
+            loss, nll, hit, g = chunk_terms(F.linear(x, w, b), yk, keep, smoothing, into)  # logits (n, V) in dtype
             sums += torch.stack([loss.sum(), nll.sum(), (hit & keep).sum()]).double()
             if dev != "cpu":  # an ignored row has no gradient (no host sync on an accelerator)
                 g.mul_(keep[:, None])
@@ -311,7 +315,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_b += g.sum(0)
             g = g.to(dtype)
             if g_all is not None:
-                g_all[i:i + rows] = g
+                if g.data_ptr() != into.data_ptr():
+                    into.copy_(g)
                 continue
             grad_h[i:i + rows] = g @ w
             if dtype == torch.float32:
