@@ -239,7 +239,8 @@ def _add_at_labels(g: torch.Tensor, yk: torch.Tensor, value: float) -> None:
     g.index_put_((rows, yk[:, 0]), torch.full((g.size(0),), value, dtype=g.dtype, device=g.device), accumulate=True)
 
 
-def _chunk_fp32(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing: float, out=None):
+def _chunk_fp32(z: torch.Tensor, yk: torch.Tensor, keep: torch.Tensor, smoothing: float,
+                out: torch.Tensor | None = None):
     """One chunk's (smoothed) loss, NLL and hits per row, and the gradient w.r.t. its logits z (n, V), in fp32:
     one log_softmax pass (max-with-indices, exp, sum and divide apart cost twice as much on CPU). `out` is
     not used (the gradient is fp32 here; the caller converts it)."""
