@@ -316,7 +316,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_b += g.sum(0)
             g = g.to(dtype)
             if g_all is not None:
-                if g.data_ptr() != into.data_ptr():
+                if g is not into:  # the bf16 chunk wrote into it already
                     into.copy_(g)
                 continue
             grad_h[i:i + rows] = g @ w
